@@ -1,0 +1,124 @@
+"""KV distillation losses over padded batches, and the weighting of several teachers.
+
+All take KV of one layer as `[B, T, H, D]` with a `[B, T]` boolean mask (True = a real,
+aligned token) and average over valid tokens and heads only. A batch with no valid token gives
+0 with zero gradient, not NaN: it simply has nothing to learn from.
+
+The answer cross-entropy is not here: a transformers causal LM computes it when called with
+`labels=` (labels shifted inside, -100 for prompt and pad ignored, mean over the remaining
+tokens, logits upcast to float32). Under gradient accumulation pass `num_items_in_batch`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kava.errors import KavaError
+
+KV_LOSSES = ("mercator", "mse", "smooth_l1")
+TEACHER_WEIGHTINGS = ("fixed", "learned")
+
+# Floor under vector norms: log-norm and cosine, and their gradients, stay finite at zero vectors.
+_NORM_EPS = 1e-6
+
+
+def _valid(pred, target, mask):
+    if pred.shape != target.shape or pred.shape[:2] != mask.shape:
+        raise KavaError(f"kv loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and "
+                        f"mask {tuple(mask.shape)} do not match as [B, T, H, D] and [B, T]")
+    # Select before any arithmetic, in float32: nothing in a pad or unaligned token (not even
+    # inf or nan) reaches the loss or its gradient, and bf16 KV is compared at full precision.
+    return pred[mask].float(), target[mask].float()
+
+
+def _mean(x):
+    # Sum over nothing is 0, so an all-masked batch gives 0 and zero gradients.
+    return x.sum() / max(x.numel(), 1)
+
+
+def _norms(x):
+    # Clamping the squared norm (not the norm) keeps the gradient at 0 finite: d(x·x)/dx = 2x.
+    return x.square().sum(dim=-1).clamp_min(_NORM_EPS ** 2).sqrt()
+
+
+def _cosine(p, s, p_norm, s_norm):
+    return (p * s).sum(dim=-1) / (p_norm * s_norm)
+
+
+def masked_std(x, mask):
+    """Population std of `x` over its valid tokens (all heads and dims), detached: a scale for
+    kv_loss(std=...), computed per layer, not a path for gradients."""
+    return x[mask].detach().float().std(correction=0)
+
+
+def kv_loss(pred, target, mask, kind, alpha=1.0, beta=0.01, std=None):
+    """Scalar loss between two `[B, T, H, D]` KV tensors of one layer over the valid tokens.
+
+    mercator: alpha·(1 − cos) + beta·(log‖pred‖ − log‖target‖)² per token and head (direction
+        plus relative scale; alpha and beta are used by this kind only).
+    mse, smooth_l1: per element, averaged over valid tokens, heads and head_dim.
+    std: if given (e.g. masked_std(target, mask), as KaVa/CODI do), both sides are divided by it
+        first, so the loss is in units of the target's spread. Mercator is scale-free, so for it
+        this changes nothing."""
+    if kind not in KV_LOSSES:
+        raise KavaError(f"unknown kv loss {kind!r}; choose one of {', '.join(KV_LOSSES)}")
+    p, s = _valid(pred, target, mask)
+    if std is not None:
+        p, s = p / std, s / std
+    if kind == "mse":
+        return _mean((p - s).square())
+    if kind == "smooth_l1":
+        return _mean(F.smooth_l1_loss(p, s, reduction="none"))
+    p_norm, s_norm = _norms(p), _norms(s)
+    per_head = (alpha * (1 - _cosine(p, s, p_norm, s_norm))
+                + beta * (p_norm.log() - s_norm.log()).square())
+    return _mean(per_head)
+
+
+def masked_cosine(pred, target, mask):
+    """Mean cosine similarity per token and head over the valid tokens (0 when there are none;
+    weigh batches by mask.sum() when averaging)."""
+    p, s = _valid(pred, target, mask)
+    return _mean(_cosine(p, s, _norms(p), _norms(s)))
+
+
+class TeacherWeights(nn.Module):
+    """How much each teacher's KV loss counts, per student layer.
+
+    fixed: the given weights (default uniform), normalised to sum to 1, constant.
+    learned: a softmax over trainable logits `[n_layers, n_teachers]`, starting at the given
+        weights. Left alone, learned weights drift to whichever teacher is easiest to match;
+        subtract a multiple of entropy() from the total loss to keep them spread.
+
+    total = ce_weight·CE + kv_weight·teacher_weights(kv_losses) [− λ·teacher_weights.entropy()]
+    """
+
+    def __init__(self, n_layers, n_teachers, mode="fixed", weights=None):
+        super().__init__()
+        if mode not in TEACHER_WEIGHTINGS:
+            raise KavaError(f"unknown teacher weighting {mode!r}; choose one of "
+                            f"{', '.join(TEACHER_WEIGHTINGS)}")
+        w = torch.ones(n_teachers) if weights is None else torch.tensor(weights).float()
+        if w.shape != (n_teachers,) or not bool((w > 0).all()):
+            raise KavaError(f"teacher weights {weights} must be {n_teachers} positive numbers")
+        # softmax(log w) = w / Σw: one code path for both modes.
+        logits = w.log().expand(n_layers, n_teachers).clone()
+        if mode == "learned":
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def weights(self):
+        """`[n_layers, n_teachers]`, each row summing to 1."""
+        return self.logits.softmax(dim=-1)
+
+    def forward(self, kv_losses):
+        """kv_losses `[n_layers, n_teachers]` → Σ_t w·KV per layer, averaged over layers."""
+        if kv_losses.shape != self.logits.shape:
+            raise KavaError(f"teacher weights: kv losses have shape {tuple(kv_losses.shape)}, "
+                            f"expected [n_layers, n_teachers] = {list(self.logits.shape)}")
+        return (self.weights() * kv_losses).sum(dim=-1).mean()
+
+    def entropy(self):
+        """Mean over layers of the entropy of the teacher weights (max log n_teachers)."""
+        return -(self.weights() * self.logits.log_softmax(dim=-1)).sum(dim=-1).mean()

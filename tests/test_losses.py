@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+
+from kava.errors import KavaError
+from kava.losses import KV_LOSSES, TeacherWeights, kv_loss, masked_cosine, masked_std
+
+
+def _batch(seed=0, shape=(3, 7, 3, 64)):
+    g = torch.Generator().manual_seed(seed)
+    pred, target = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    mask[0, 5:] = False  # right padding
+    mask[1, 0] = False   # an unaligned student token
+    mask[2, 2:4] = False
+    return pred, target, mask
+
+
+@pytest.mark.parametrize("kind", KV_LOSSES)
+@pytest.mark.parametrize("normalise", [False, True])
+def test_identical_inputs_give_zero(kind, normalise):
+    _, target, mask = _batch()
+    std = masked_std(target, mask) if normalise else None
+    assert kv_loss(target.clone(), target, mask, kind, std=std).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KV_LOSSES)
+def test_masked_positions_never_reach_the_loss_or_gradient(kind):
+    pred, target, mask = _batch()
+    clean = kv_loss(pred, target, mask, kind)
+    poisoned_pred, poisoned_target = pred.clone(), target.clone()
+    poisoned_pred[~mask] = float("nan")
+    poisoned_target[~mask] = float("inf")
+    poisoned_pred.requires_grad_(True)
+    loss = kv_loss(poisoned_pred, poisoned_target, mask, kind)
+    assert torch.equal(loss, clean)
+    loss.backward()
+    assert torch.isfinite(poisoned_pred.grad).all()
+    assert poisoned_pred.grad[~mask].abs().sum() == 0 and poisoned_pred.grad[mask].abs().sum() > 0
+    assert torch.equal(masked_cosine(poisoned_pred, poisoned_target, mask),
+                       masked_cosine(pred, target, mask))
+
+
+@pytest.mark.parametrize("kind", KV_LOSSES)
+def test_all_masked_gives_zero_and_zero_gradient(kind):
+    pred, target, _ = _batch()
+    pred.requires_grad_(True)
+    loss = kv_loss(pred, target, torch.zeros(3, 7, dtype=torch.bool), kind)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+def test_mercator_hand_values():
+    target = torch.randn(1, 4, 2, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    # Same direction, twice the norm: only the log-norm term, beta·(log 2)².
+    assert kv_loss(2 * target, target, mask, "mercator", beta=0.5).item() == pytest.approx(
+        0.5 * math.log(2) ** 2, rel=1e-5)
+    # Opposite direction, same norm: alpha·2.
+    opposite = kv_loss(-target, target, mask, "mercator", alpha=3.0)
+    assert opposite.item() == pytest.approx(6.0, rel=1e-5)
+    # Orthogonal, same norm: alpha·1.
+    a = torch.tensor([1.0, 0.0]).expand(1, 4, 2, 2)
+    b = torch.tensor([0.0, 1.0]).expand(1, 4, 2, 2)
+    assert kv_loss(a, b, mask, "mercator").item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_mercator_gradient_is_finite_at_zero_vectors():
+    pred, target, mask = _batch()
+    pred[0, 0] = 0.0
+    target[0, 1] = 0.0
+    pred[1, 2] = 0.0
+    target[1, 2] = 0.0
+    pred.requires_grad_(True)
+    loss = kv_loss(pred, target, mask, "mercator")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
+def test_mse_and_smooth_l1_hand_values_and_std():
+    target = torch.randn(2, 3, 1, 4)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert kv_loss(target + 1, target, mask, "mse").item() == pytest.approx(1.0, rel=1e-6)
+    assert kv_loss(target + 1, target, mask, "mse", std=2.0).item() == pytest.approx(0.25, rel=1e-6)
+    assert kv_loss(target + 0.5, target, mask, "smooth_l1").item() == pytest.approx(0.125, rel=1e-6)
+    assert kv_loss(target + 3, target, mask, "smooth_l1").item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_masked_std_uses_only_valid_tokens():
+    x = torch.zeros(1, 4, 1, 2)
+    x[0, :2] = torch.tensor([1.0, -1.0])
+    x[0, 2:] = 1000.0  # padding
+    mask = torch.tensor([[True, True, False, False]])
+    assert masked_std(x, mask).item() == pytest.approx(1.0)
+    assert not masked_std(x.requires_grad_(True), mask).requires_grad
+
+
+def test_masked_cosine():
+    pred, target, mask = _batch()
+    assert masked_cosine(target, target, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert masked_cosine(-target, target, mask).item() == pytest.approx(-1.0, abs=1e-6)
+    expected = torch.nn.functional.cosine_similarity(pred[mask], target[mask], dim=-1).mean()
+    torch.testing.assert_close(masked_cosine(pred, target, mask), expected)
+
+
+def test_bf16_inputs_are_compared_in_float32():
+    pred, target, mask = _batch()
+    loss = kv_loss(pred.bfloat16(), target.bfloat16(), mask, "mercator")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, kv_loss(pred.bfloat16().float(), target.bfloat16().float(),
+                                             mask, "mercator"))
+
+
+def test_bad_kind_and_shapes_are_refused():
+    pred, target, mask = _batch()
+    with pytest.raises(KavaError, match="unknown kv loss 'cosine'"):
+        kv_loss(pred, target, mask, "cosine")
+    with pytest.raises(KavaError, match=r"pred \(3, 7, 3, 64\), target \(3, 7, 1, 64\)"):
+        kv_loss(pred, target[:, :, :1], mask, "mse")
+    with pytest.raises(KavaError, match=r"mask \(3, 6\)"):
+        kv_loss(pred, target, mask[:, :6], "mse")
+
+
+# ---- teacher weights --------------------------------------------------------------------------
+
+def test_fixed_weights_are_normalised_and_constant():
+    uniform = TeacherWeights(4, 2)
+    assert torch.equal(uniform.weights(), torch.full((4, 2), 0.5))
+    assert list(uniform.parameters()) == []
+    given = TeacherWeights(4, 2, weights=[1.0, 3.0])
+    torch.testing.assert_close(given.weights(), torch.tensor([[0.25, 0.75]]).expand(4, 2))
+    losses = torch.tensor([[1.0, 2.0]]).expand(4, 2)
+    assert given(losses).item() == pytest.approx(1.75)
+
+
+def test_learned_weights_sum_to_one_per_layer_while_training():
+    weights = TeacherWeights(5, 3, mode="learned", weights=[1.0, 1.0, 2.0])
+    torch.testing.assert_close(weights.weights()[0], torch.tensor([0.25, 0.25, 0.5]))
+    optimiser = torch.optim.SGD(weights.parameters(), lr=1.0)
+    # Teacher 0 is the easiest to match in every layer: unregularised, the weights move to it.
+    kv_losses = torch.tensor([[0.1, 1.0, 2.0]]).expand(5, 3)
+    for _ in range(20):
+        optimiser.zero_grad()
+        weights(kv_losses).backward()
+        optimiser.step()
+    w = weights.weights()
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(5))
+    assert (w[:, 0] > 0.5).all()
+
+
+def test_entropy_is_largest_for_uniform_weights_and_pulls_towards_them():
+    assert TeacherWeights(3, 4, mode="learned").entropy().item() == pytest.approx(math.log(4))
+    skewed = TeacherWeights(3, 2, mode="learned", weights=[9.0, 1.0])
+    assert skewed.entropy().item() < math.log(2)
+    (-skewed.entropy()).backward()  # maximising entropy
+    assert (skewed.logits.grad[:, 0] > 0).all() and (skewed.logits.grad[:, 1] < 0).all()
+
+
+def test_bad_teacher_weights_are_refused():
+    with pytest.raises(KavaError, match="must be 2 positive numbers"):
+        TeacherWeights(4, 2, weights=[1.0, 0.0])
+    with pytest.raises(KavaError, match="must be 3 positive numbers"):
+        TeacherWeights(4, 3, weights=[1.0, 1.0])
+    with pytest.raises(KavaError, match="unknown teacher weighting 'greedy'"):
+        TeacherWeights(4, 2, mode="greedy")
+    with pytest.raises(KavaError, match=r"expected \[n_layers, n_teachers\] = \[4, 2\]"):
+        TeacherWeights(4, 2)(torch.ones(2, 4))
