@@ -1,0 +1,23 @@
+# The two commands of the README quick start. Each works on a fresh machine: the virtualenv
+# is created and the pinned requirements installed on first use (and when they change).
+VENV := .venv
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run smoke test bench
+
+run: $(STAMP)
+	snakemake --profile profiles/local $(ARGS)
+
+smoke: $(STAMP)
+	snakemake --profile profiles/local --configfile config/smoke.yaml $(ARGS)
+
+test: $(STAMP)
+	python -m pytest $(ARGS)
+
+$(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r envs/requirements-nodeps.txt
+	touch $@

@@ -1,0 +1,89 @@
+"""Capture a decoder's per-layer K and V from one forward pass, without the lm_head.
+
+Layout of everything returned: `[B, T, H_kv, D]`.
+
+- `pre_rope` keys come from hooks on the key projection, normalised by the layer's own
+  k_norm where the architecture has one (qwen3, gemma3). Gemma3 applies k_norm after the
+  head transpose and qwen3 before; k_norm acts on the last dim only, so applying the module to
+  the projection output is the same computation in either order.
+- `post_rope` keys are what the attention caches. They are read from a `DynamicCache()` built
+  without the model config: that cache keeps every layer at full length, whereas the model's
+  default cache truncates sliding-window layers to their window.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+from kava.errors import KavaError
+
+KEY_SPACES = ("pre_rope", "post_rope")
+
+
+def decoder_layers(model):
+    """The decoder layer list of a *ForCausalLM of a supported family (or its base model)."""
+    return getattr(model, "model", model).layers
+
+
+def attention_shape(attention):
+    """(num KV heads, head_dim) as the attention module really computes them."""
+    head_dim = attention.head_dim
+    return attention.k_proj.out_features // head_dim, head_dim
+
+
+@contextmanager
+def pre_rope_hooks(model, layers):
+    """Record `{layer: (k, v)}` pre-RoPE from every forward run inside the block."""
+    captured = {}
+    handles = []
+    modules = decoder_layers(model)
+    for index in layers:
+        attention = modules[index].self_attn
+        n_heads, head_dim = attention_shape(attention)
+
+        def keep_k(module, inputs, output, index=index, attention=attention,
+                   n_heads=n_heads, head_dim=head_dim):
+            keys = output.view(*output.shape[:-1], n_heads, head_dim)
+            k_norm = getattr(attention, "k_norm", None)
+            captured.setdefault(index, {})["k"] = k_norm(keys) if k_norm is not None else keys
+
+        def keep_v(module, inputs, output, index=index, n_heads=n_heads, head_dim=head_dim):
+            captured.setdefault(index, {})["v"] = output.view(*output.shape[:-1], n_heads, head_dim)
+
+        handles.append(attention.k_proj.register_forward_hook(keep_k))
+        handles.append(attention.v_proj.register_forward_hook(keep_v))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
+    """One forward of the decoder body (no lm_head, no logits): `{layer: (k, v)}`, [B,T,H,D]."""
+    from transformers import DynamicCache
+
+    if key_space not in KEY_SPACES:
+        raise KavaError(f"key_space '{key_space}' is not one of {', '.join(KEY_SPACES)}")
+    n_layers = len(decoder_layers(model))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise KavaError(f"layers {bad} out of range for a model with {n_layers} layers")
+    body = model.model
+    if key_space == "post_rope":
+        cache = DynamicCache()
+        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+             past_key_values=cache)
+        return {layer: (cache.layers[layer].keys.transpose(1, 2),
+                        cache.layers[layer].values.transpose(1, 2)) for layer in layers}
+    with pre_rope_hooks(model, layers) as captured:
+        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return {layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers}
+
+
+def cache_kv(model, input_ids, attention_mask):
+    """The model's own default cache after one forward, as the runtime would build it
+    (sliding-window layers truncated). Used to report what the KV cache really looks like."""
+    with torch.inference_mode():
+        output = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    return output.past_key_values

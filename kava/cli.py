@@ -1,0 +1,33 @@
+"""What every stage's command line shares: threads, JSON arguments, and how errors end it."""
+
+import argparse
+import json
+import os
+import sys
+
+from kava.errors import KavaError
+
+
+def stage_parser(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="CPU threads for torch (Snakemake passes the rule's threads)")
+    return parser
+
+
+def json_arg(text):
+    """argparse type for the config sections Snakemake passes as JSON."""
+    return json.loads(text)
+
+
+def run_stage(main, parser):
+    """Parse, size torch's thread pool, run; a KavaError ends as one line and exit status 2."""
+    args = parser.parse_args()
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+        main(args)
+    except KavaError as err:
+        print(f"kava: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

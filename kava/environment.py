@@ -1,0 +1,137 @@
+"""What this job runs on: device, precision, scheduler, CPUs, paths, packages, and a
+recommended micro-batch for the configured effective batch."""
+
+import importlib.metadata
+import math
+import os
+import platform
+
+import torch
+
+from kava.paths import detect_scheduler, run_paths
+
+PACKAGES = ("torch", "transformers", "bitsandbytes", "datasets", "safetensors", "snakemake",
+            "pyarrow")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _available_memory_gb():
+    """MemAvailable, not MemTotal: what this job can actually take without swapping."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def detect_device():
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        return {
+            "type": "rocm" if torch.version.hip else "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "memory_gb": round(total / 2**30, 2),
+            "free_memory_gb": round(free / 2**30, 2),
+        }
+    if torch.backends.mps.is_available():
+        memory = _available_memory_gb()
+        return {"type": "mps", "name": "Apple MPS", "count": 1, "memory_gb": round(memory, 2),
+                "free_memory_gb": round(memory, 2)}
+    memory = _available_memory_gb()
+    return {"type": "cpu", "name": _cpu_name(), "count": 1,
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2),
+            "free_memory_gb": round(memory, 2)}
+
+
+def detect_precision(device):
+    """bf16 > fp16 > fp32, by what the device runs natively. On CPU, bf16 only pays off with
+    AVX512-BF16 or AMX; without them autocast emulates it and is slower than fp32."""
+    if device["type"] in ("cuda", "rocm"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device["type"] == "mps":
+        return "fp16"
+    return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
+def usable_cpus(environ=os.environ):
+    """CPUs this job may use: the affinity mask, narrowed by SLURM_CPUS_PER_TASK."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if environ.get("SLURM_CPUS_PER_TASK"):
+        cpus = min(cpus, int(environ["SLURM_CPUS_PER_TASK"]))
+    return cpus
+
+
+def package_versions():
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def recommend_batch(free_memory_gb, student_params, student_dims, teacher_dims, seq_len,
+                    effective_batch):
+    """Largest power-of-two micro-batch that fits in 80 % of free memory, and the accumulation
+    that reaches the effective batch.
+
+    Fixed cost: fp32 master weights + grads + two AdamW moments = 16 bytes a parameter.
+    Per token: the student's activations kept for backward (~34 bytes per hidden unit per
+    layer in 16-bit, Korthikanti et al. 2022) and its fp32 logits with their gradient, plus the
+    teachers' bf16 K and V.
+    """
+    declared = student_dims["config_declared"]
+    activations = 34 * declared["hidden_size"] * student_dims["num_layers"]
+    logits = 2 * 4 * student_dims["vocab_size"]
+    teacher_kv = sum(2 * 2 * dims["kv_dim_total"] for dims in teacher_dims)
+    per_example = seq_len * (activations + logits + teacher_kv)
+    fixed = 16 * student_params
+    budget = 0.8 * free_memory_gb * 2**30 - fixed
+    fits = max(1, int(budget // per_example)) if budget > 0 else 1
+    micro_batch = min(2 ** int(math.log2(fits)), effective_batch)
+    return {"micro_batch": micro_batch, "grad_accum": math.ceil(effective_batch / micro_batch),
+            "effective_batch": effective_batch, "bytes_per_example": int(per_example),
+            "fixed_bytes": int(fixed)}
+
+
+def probe_environment(run, sizing=None):
+    """`sizing`: recommend_batch's arguments other than free memory; without it (a person
+    probing a machine before configuring a run) there is no recommendation."""
+    device = detect_device()
+    scheduler, job_id = detect_scheduler()
+    return {
+        "device": device,
+        "precision": detect_precision(device),
+        "scheduler": {"type": scheduler, "job_id": job_id},
+        "cpus": usable_cpus(),
+        "paths": run_paths(run),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "recommended": recommend_batch(device["free_memory_gb"], **sizing) if sizing else None,
+    }

@@ -1,0 +1,39 @@
+"""Atomic writes: nothing appears under its final name until it is complete."""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(final, is_dir=False):
+    """Yield a temporary sibling of `final` (file or directory); rename it into place only if
+    the block succeeds, otherwise delete it. Same directory, so the rename is atomic."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent)) if is_dir else Path(
+        tempfile.mkstemp(prefix=prefix, dir=final.parent)[1])
+    try:
+        yield tmp
+        if is_dir and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
