@@ -1,0 +1,284 @@
+"""Honest GSM8K evaluation: answer extraction, greedy generation, teacher-forced answer NLL,
+paired bootstrap confidence intervals and the fraction of the teacher gap a student recovers.
+
+Everything here is deterministic given its inputs (greedy decoding, seeded bootstrap), so two
+evaluations of the same model on the same rows agree to the token.
+"""
+
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from kava.errors import KavaError
+
+# A number as GSM8K writes it: optional sign and `$`, thousands commas only in groups of three,
+# optional decimals. The look-behind keeps `x2`, `3-4` (a range, not -4) and `.5` fragments out.
+NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.(\d+))?")
+# A finished final-answer line: `#### <something with a digit>` followed by a newline.
+ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
+
+
+def _normalise(match):
+    """Canonical text of a NUMBER match: no `$`, no commas, no trailing decimal zeros."""
+    negative, negative_after_dollar, integer, decimals = match.groups()
+    text = integer.replace(",", "").lstrip("0") or "0"
+    decimals = (decimals or "").rstrip("0")
+    if decimals:
+        text += "." + decimals
+    if (negative or negative_after_dollar) and text != "0":
+        text = "-" + text
+    return text
+
+
+def extract_answer(text):
+    """The final answer in `text`: the first number after the last `####`, else the last number
+    anywhere. Normalised (`$1,234.00` -> `1234`, `-3` stays `-3`, `7.` -> `7`); None if there is
+    no number."""
+    marker = text.rfind("####")
+    if marker >= 0:
+        after = NUMBER.search(text, marker + 4)
+        if after:
+            return _normalise(after)
+    numbers = list(NUMBER.finditer(text))
+    return _normalise(numbers[-1]) if numbers else None
+
+
+def is_correct(pred_text, reference_number):
+    """Exact match of the answer extracted from `pred_text` with the reference, both normalised.
+    The reference may be a number or a string such as "1,234"; one that is not a number is a
+    KavaError, since grading against it would silently score zero."""
+    reference = str(reference_number).strip()
+    match = NUMBER.fullmatch(reference)
+    if match is None:
+        raise KavaError(f"reference answer {reference!r} is not a number")
+    return extract_answer(pred_text) == _normalise(match)
+
+
+def grade(predictions, references):
+    """Per-example correctness of generated texts against reference numbers."""
+    if not predictions:
+        raise KavaError("no predictions to grade: the predictions list is empty")
+    if len(predictions) != len(references):
+        raise KavaError(f"{len(predictions)} predictions but {len(references)} references")
+    return [is_correct(pred, ref) for pred, ref in zip(predictions, references)]
+
+
+def _eos_ids(model, tokenizer):
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _pad_id(model, tokenizer):
+    """A pad id for batching: the model's, else the tokenizer's, else eos (pads are masked, so
+    any id works; eos is what most causal LMs use)."""
+    for pad in (model.generation_config.pad_token_id, tokenizer.pad_token_id):
+        if pad is not None:
+            return pad
+    eos = _eos_ids(model, tokenizer)
+    if not eos:
+        raise KavaError(f"model {model.name_or_path}: no pad or eos token id to pad batches with")
+    return eos[0]
+
+
+def _left_pad(seqs, pad_id, device):
+    """Left-padded ids, attention mask and position ids. Positions count real tokens only, so a
+    padded row sees the same positions (and RoPE phases) as the row alone."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _batches(lengths, batch_size):
+    """Indices grouped into batches of similar length (longest first, so memory trouble shows at
+    once and the progress bar's ETA errs high). Callers restore the original order."""
+    if batch_size < 1:
+        raise KavaError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class AnswerLineStop(StoppingCriteria):
+    """Finish a sequence once its continuation holds a complete `#### <number>` line. GSM8K
+    answers end there; without this a base model keeps writing the next question until
+    max_new_tokens, which is most of the evaluation time on CPU. Per-sequence, so a batch stops
+    each row exactly where that row alone would."""
+
+    def __init__(self, tokenizer, prompt_width):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:],
+                                            skip_special_tokens=True)
+        done = [ANSWER_LINE.search(text) is not None for text in texts]
+        return torch.tensor(done, device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
+    """Greedy continuations of `prompts` (text only, special tokens skipped), in prompt order.
+
+    Batches are left-padded so every row's next token sits in the last column; the tokenizer is
+    only used to encode/decode, its padding settings are never touched. A row stops at eos, at a
+    finished `#### <number>` line, or after max_new_tokens. Puts the model in eval mode."""
+    if not prompts:
+        raise KavaError("no prompts to generate from: the prompt list is empty")
+    model.eval()
+    pad_id, eos_ids = _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    texts = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc="generate", unit="ex") as progress:
+        for batch in _batches([len(e) for e in encoded], batch_size):
+            ids, mask, _ = _left_pad([encoded[i] for i in batch], pad_id, model.device)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id, eos_token_id=eos_ids or None,
+                stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1])]))
+            for row, i in enumerate(batch):
+                new = out[row, ids.shape[1]:].tolist()
+                # Cut at the first eos: after it the row holds pads, which need not be special.
+                end = min((new.index(e) for e in eos_ids if e in new), default=len(new))
+                texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+            progress.update(len(batch))
+    return texts
+
+
+@torch.inference_mode()
+def answer_nll(model, tokenizer, prompts, answers, batch_size):
+    """Per example, the mean negative log-likelihood (nats/token) of the reference answer given
+    the prompt, teacher-forced.
+
+    Boundary: prompt and answer are tokenised separately (the prompt with the tokenizer's special
+    tokens, e.g. BOS; the answer without) and the ids concatenated. The scored tokens are then
+    exactly `tokenizer(answer, add_special_tokens=False)`, whatever the prompt ends with; tokenising
+    `prompt + answer` jointly could merge a token across the boundary and make "the answer tokens"
+    ill-defined.
+
+    Rows are left-padded, so every answer ends in the last column and only the last
+    (longest answer + 1) positions need logits: with a 262k vocabulary the full logits would
+    dominate memory. Pads and prompt tokens never enter the mean."""
+    if len(prompts) != len(answers):
+        raise KavaError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        raise KavaError("no examples to score: the prompt list is empty")
+    model.eval()
+    pad_id = _pad_id(model, tokenizer)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+        if not p or not a:
+            empty = "prompt" if not p else "answer"
+            raise KavaError(f"row {row}: empty {empty} after tokenisation")
+    nlls = [None] * len(prompts)
+    lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
+    with tqdm(total=len(prompts), desc="answer nll", unit="ex") as progress:
+        for batch in _batches(lengths, batch_size):
+            ids, mask, positions = _left_pad([prompt_ids[i] + answer_ids[i] for i in batch],
+                                             pad_id, model.device)
+            answer_lengths = [len(answer_ids[i]) for i in batch]
+            longest = max(answer_lengths)
+            # Logits at column t predict the token at t + 1: keep the last longest + 1 columns and
+            # drop the final one, which predicts past the end.
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=longest + 1).logits[:, :-1].float()
+            targets = ids[:, -longest:]
+            first_answer_column = longest - torch.tensor(answer_lengths, device=ids.device)
+            is_answer = torch.arange(longest, device=ids.device) >= first_answer_column[:, None]
+            # Select answer positions before the softmax: pad positions may hold non-finite logits.
+            token_nll = F.cross_entropy(logits[is_answer], targets[is_answer], reduction="none")
+            for i, row_nll in zip(batch, token_nll.split(answer_lengths)):
+                nlls[i] = row_nll.mean().item()
+            progress.update(len(batch))
+    return nlls
+
+
+def bootstrap_ci(values, groups=None, n_boot=10000, alpha=0.05, seed=0):
+    """Mean of `values` with a percentile bootstrap CI that resamples groups (default: each value
+    its own group). With values concatenated over seeds and groups = example id, a resampled
+    example brings all its seeds, so the CI reflects the example sample, not seed count.
+
+    Returns dict(mean, ci=[lo, hi], p_value): p_value is the two-sided bootstrap p for mean = 0,
+    2 * min(P(boot <= 0), P(boot >= 0)) with the +1 correction so it is never exactly 0."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise KavaError(f"bootstrap needs a non-empty 1-D list of values, got shape {values.shape}")
+    groups = np.arange(values.size) if groups is None else np.asarray(groups)
+    if groups.shape != values.shape:
+        raise KavaError(f"{groups.size} group ids for {values.size} values")
+    _, group_index = np.unique(groups, return_inverse=True)
+    sums = np.bincount(group_index, weights=values)
+    counts = np.bincount(group_index).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    # Chunks keep the index matrix small (1319 GSM8K examples x 10k resamples would be ~100 MB).
+    chunk = max(1, 2_000_000 // sums.size)
+    for start in range(0, n_boot, chunk):
+        picks = rng.integers(0, sums.size, size=(min(chunk, n_boot - start), sums.size))
+        boot[start:start + len(picks)] = sums[picks].sum(1) / counts[picks].sum(1)
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    tail = min((boot <= 0).sum(), (boot >= 0).sum())
+    return {"mean": float(values.mean()), "ci": [float(lo), float(hi)],
+            "p_value": float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))}
+
+
+def paired_bootstrap_ci(a, b, n_boot=10000, alpha=0.05, seed=0, groups=None):
+    """mean(a) - mean(b) for paired per-example values (same examples, same order) with a
+    percentile bootstrap CI over examples (or over `groups`, see bootstrap_ci).
+
+    Returns dict(diff, ci=[lo, hi], p_value, significant): significant means the CI excludes 0."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise KavaError(f"paired values differ in length: {a.size} vs {b.size}")
+    result = bootstrap_ci(a - b, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed)
+    lo, hi = result["ci"]
+    return {"diff": result["mean"], "ci": [lo, hi], "p_value": result["p_value"],
+            "significant": bool(lo > 0 or hi < 0)}
+
+
+def gap_recovered(nll_init, nll_arm, nll_best_teacher):
+    """Fraction of the init -> best-teacher NLL gap the arm closes: (init - arm) / (init - teacher).
+    1 means teacher-level NLL, 0 no gain, negative worse than init.
+
+    When the best teacher is not better than init (gap <= 0, e.g. tiny random smoke models) there
+    is nothing to recover and the ratio would be meaningless or flip sign: returns None, which the
+    report shows as "n/a" with the two NLLs."""
+    gap = nll_init - nll_best_teacher
+    if not math.isfinite(gap) or gap <= 0:
+        return None
+    return (nll_init - nll_arm) / gap
+
+
+def eval_record(ids, predictions, references, nlls, kv_cosine=None):
+    """The JSON record of one evaluated model, the shape report.py reads:
+
+        {"n": int, "accuracy": float, "nll": float,
+         "kv_cosine": None | {"overall": float, "per_teacher": {teacher: float},
+                              "per_layer": {teacher: [float per student layer]}},
+         "per_example": {"id": [...], "correct": [bool], "nll": [float], "prediction": [str]}}
+
+    `ids` identify the examples (row ids of the test split) so that arms can be paired."""
+    correct = grade(predictions, references)
+    if not len(ids) == len(nlls) == len(correct):
+        raise KavaError(f"{len(ids)} ids, {len(predictions)} predictions and {len(nlls)} NLLs "
+                        f"differ")
+    if len(set(ids)) != len(ids):
+        raise KavaError("example ids repeat: each evaluated row needs a unique id")
+    if kv_cosine is not None and set(kv_cosine) != {"overall", "per_teacher", "per_layer"}:
+        raise KavaError(f"kv_cosine keys {sorted(kv_cosine)}, expected overall, per_layer, "
+                        f"per_teacher")
+    return {"n": len(ids), "accuracy": float(np.mean(correct)), "nll": float(np.mean(nlls)),
+            "kv_cosine": kv_cosine,
+            "per_example": {"id": list(ids), "correct": correct, "nll": [float(x) for x in nlls],
+                            "prediction": list(predictions)}}

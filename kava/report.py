@@ -1,0 +1,518 @@
+"""The run report: summary.json, a self-contained report.html (PNG plots inlined as base64) and a
+report.md with the same tables and sentences, from plain dicts the report stage loads from JSON.
+
+Input shapes (every function below documents which it takes):
+
+EVALS, the evaluation records (each EVAL is what kava.evaluate.eval_record returns):
+    {"init": EVAL,
+     "teachers": {"<teacher>": EVAL},
+     "arms": {"<arm>": {<seed>: EVAL}}}            # seed keys: ints (or "0", "1" from JSON)
+    EVAL = {"n", "accuracy", "nll", "kv_cosine": None | {"overall": float,
+            "per_teacher": {teacher: float}, "per_layer": {teacher: [float per student layer]}},
+            "per_example": {"id": [...], "correct": [bool], "nll": [float], ...}}
+
+METRICS, the training logs (metrics.jsonl rows):
+    {"<arm>": {<seed>: [{"step", "loss", "ce", "kv/<teacher>", "cos/<teacher>", "lr",
+                         "tokens_per_s", "elapsed"}, ...]}}     # kv/ and cos/ keys optional
+
+FACTS, what the run was (every key optional; a missing one shows as "n/a"):
+    {"env": {...env.json...},
+     "dims": {"<model>": {...dims/<model>.json: architecture, num_layers, num_kv_heads, head_dim,
+                          kv_dim_total, layers: [{"kind", "window"?}], mismatches: [str]}},
+     "data": {"source": str, "rows_hash": str, ...},
+     "kv_storage": {"<teacher>": {"bytes_per_token", "dtype", "key_space", ...}},
+     "benchmarks": {"<job>": [row, ...]}}          # rows as read_benchmark returns them
+"""
+
+import base64
+import csv
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader
+from matplotlib.figure import Figure
+
+from kava.errors import KavaError
+from kava.evaluate import bootstrap_ci, gap_recovered, paired_bootstrap_ci
+
+NA = "n/a"
+
+
+def read_benchmark(path):
+    """Rows of a Snakemake benchmark TSV (columns `s h:m:s max_rss max_vms max_uss max_pss io_in
+    io_out mean_load cpu_time`, memory in MB) as dicts: numbers as floats, anything else (`NA`, `-`)
+    as None, `h:m:s` as text. One row per repeat of the job."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        missing = [c for c in ("s", "max_rss") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise KavaError(f"benchmark file {path}: missing column(s) {missing}")
+        rows = []
+        for row in reader:
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    parsed[key] = value if key == "h:m:s" else float(value)
+                except ValueError:
+                    parsed[key] = None
+            rows.append(parsed)
+    return rows
+
+
+def describe_difference(name, diff, ci, lower_is_better, unit="", treatment="kv", control="ce"):
+    """One honest sentence on `treatment − control`. A CI that includes 0 is said plainly to be
+    not significant; a CI that excludes it says which arm is better and by how much at least and
+    at most, never more than the interval supports."""
+    lo, hi = ci
+    head = (f"{name}: {treatment} − {control} = {diff:+.4g}{unit} "
+            f"(95 % CI [{lo:+.4g}, {hi:+.4g}]{unit}).")
+    if lo <= 0 <= hi:
+        return (f"{head} The CI includes 0, so the difference is not significant at 95 %: "
+                f"this evaluation does not show that {treatment} and {control} differ on {name}.")
+    better = (hi < 0) == lower_is_better
+    return (f"{head} The CI excludes 0: {treatment} is {'better' if better else 'worse'} than "
+            f"{control} on {name} at 95 % confidence, by {min(abs(lo), abs(hi)):.4g}{unit} to "
+            f"{max(abs(lo), abs(hi)):.4g}{unit}.")
+
+
+def _seeded(runs):
+    """{seed: value} with integer seeds in order; JSON turns the seed keys into strings."""
+    try:
+        return dict(sorted((int(seed), value) for seed, value in runs.items()))
+    except ValueError:
+        raise KavaError(f"seed keys must be integers, got {sorted(map(str, runs))}") from None
+
+
+def _records(evals):
+    """(label, kind, seed, EVAL) for every evaluated model, with the inputs checked: each record
+    has its keys and all were scored on the same examples."""
+    missing = [k for k in ("init", "teachers", "arms") if k not in evals]
+    if missing:
+        raise KavaError(f"evaluation inputs lack {missing}")
+    rows = [("init", "init", None, evals["init"])]
+    rows += [(name, "teacher", None, rec) for name, rec in evals["teachers"].items()]
+    rows += [(arm, "arm", seed, rec) for arm, runs in evals["arms"].items()
+             for seed, rec in _seeded(runs).items()]
+    reference = None
+    for label, _, seed, rec in rows:
+        where = label if seed is None else f"{label}/seed{seed}"
+        for key in ("accuracy", "nll", "kv_cosine", "per_example"):
+            if key not in rec:
+                raise KavaError(f"evaluation of {where}: missing key '{key}'")
+        ids = set(rec["per_example"]["id"])
+        if reference is None:
+            reference = (where, ids)
+        elif ids != reference[1]:
+            raise KavaError(f"evaluation of {where} covers {len(ids)} examples that differ from "
+                            f"the {len(reference[1])} of {reference[0]}: results would be about "
+                            f"different data")
+    return rows
+
+
+def _aligned(rec, ids, key):
+    """Per-example `key` of a record, in the order of `ids`."""
+    index = {i: k for k, i in enumerate(rec["per_example"]["id"])}
+    values = rec["per_example"][key]
+    return np.array([float(values[index[i]]) for i in ids])
+
+
+def _pooled(recs, key):
+    """Per-example values concatenated over seeds, with example ids as bootstrap groups."""
+    ids = list(recs[0]["per_example"]["id"])
+    values = np.concatenate([_aligned(r, ids, key) for r in recs])
+    return values, np.tile(np.arange(len(ids)), len(recs))
+
+
+def _spread(values):
+    """Mean and sample std over seeds; std is None with one seed (no spread to report)."""
+    values = np.asarray(values, dtype=np.float64)
+    std = float(values.std(ddof=1)) if len(values) > 1 else None
+    return {"mean": float(values.mean()), "std": std, "n_seeds": len(values)}
+
+
+def _cosines(label, recs):
+    """Held-out KV cosine over seeds, overall and per teacher; (None, None) when the model has
+    none (e.g. the ce arm)."""
+    present = [r["kv_cosine"] is not None for r in recs]
+    if any(present) and not all(present):
+        raise KavaError(f"evaluation of {label}: kv_cosine is present for some seeds only")
+    if not all(present):
+        return None, None
+    teachers = recs[0]["kv_cosine"]["per_teacher"]
+    return (_spread([r["kv_cosine"]["overall"] for r in recs]),
+            {t: _spread([r["kv_cosine"]["per_teacher"][t] for r in recs]) for t in teachers})
+
+
+def build_summary(evals, treatment="kv", control="ce", n_boot=10000, seed=0):
+    """The dict written as summary.json, from EVALS (module docstring). Diffs are treatment −
+    control, with paired bootstrap 95 % CIs pooled over the seeds both arms ran (resampling
+    examples, each bringing all its seeds):
+
+        {"ab": None | {"treatment", "control", "seeds": [...], "n_examples": int,
+                       "nll": {"diff", "ci", "p_value", "significant"},
+                       "accuracy": {...same, as a fraction correct...}},
+         "ab_skipped": None | str,                 # why there is no A/B
+         "heldout_cos": {"<arm>": float | None},   # mean over seeds
+         "gap_recovered": {"<arm>": float | None}, # None: best teacher not better than init
+         "best_teacher": None | {"name", "nll"},
+         "models": {"<label>": {"kind": "init"|"arm"|"teacher", "n_examples": int,
+                    "accuracy"/"nll": {"mean", "std", "n_seeds", "ci"},
+                    "heldout_cos": None | {"mean", "std", "n_seeds"},
+                    "heldout_cos_per_teacher": None | {"<teacher>": {"mean", "std", "n_seeds"}}}}}
+    """
+    rows = _records(evals)
+    grouped = {}
+    for label, kind, _, rec in rows:
+        grouped.setdefault((label, kind), []).append(rec)
+    models = {}
+    for (label, kind), recs in grouped.items():
+        if label in models:
+            raise KavaError(f"model label '{label}' is used twice (init, a teacher or an arm)")
+        entry = {"kind": kind, "n_examples": len(recs[0]["per_example"]["id"])}
+        for metric, key in (("accuracy", "correct"), ("nll", "nll")):
+            values, groups = _pooled(recs, key)
+            entry[metric] = {**_spread([r[metric] for r in recs]),
+                             "ci": bootstrap_ci(values, groups, n_boot=n_boot, seed=seed)["ci"]}
+        entry["heldout_cos"], entry["heldout_cos_per_teacher"] = _cosines(label, recs)
+        models[label] = entry
+
+    arms = {arm: _seeded(runs) for arm, runs in evals["arms"].items()}
+    teachers = {name: models[name]["nll"]["mean"] for name in evals["teachers"]}
+    best = min(teachers, key=teachers.get) if teachers else None
+    init_nll = models["init"]["nll"]["mean"]
+    summary = {
+        "ab": None, "ab_skipped": None,
+        "heldout_cos": {arm: (models[arm]["heldout_cos"] or {}).get("mean") for arm in arms},
+        "gap_recovered": {arm: gap_recovered(init_nll, models[arm]["nll"]["mean"], teachers[best])
+                          if best else None for arm in arms},
+        "best_teacher": {"name": best, "nll": teachers[best]} if best else None,
+        "models": models,
+    }
+    common = [s for s in arms.get(treatment, {}) if s in arms.get(control, {})]
+    if treatment not in arms or control not in arms:
+        summary["ab_skipped"] = (f"the A/B needs arms '{treatment}' and '{control}'; "
+                                 f"this run has {', '.join(arms) or 'none'}")
+    elif not common:
+        summary["ab_skipped"] = f"arms '{treatment}' and '{control}' share no seed to pair"
+    else:
+        ab = {"treatment": treatment, "control": control, "seeds": common,
+              "n_examples": models[treatment]["n_examples"]}
+        for metric, key in (("accuracy", "correct"), ("nll", "nll")):
+            a, groups = _pooled([arms[treatment][s] for s in common], key)
+            ids = list(arms[treatment][common[0]]["per_example"]["id"])
+            # Pair on example id: the control's records may list the examples in another order.
+            b = np.concatenate([_aligned(arms[control][s], ids, key) for s in common])
+            ab[metric] = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, groups=groups)
+        summary["ab"] = ab
+    return summary
+
+
+# ---- plots: matplotlib Figure objects directly, so no global pyplot backend state is touched.
+
+def _png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _curve_panels(metrics):
+    """{panel title: [(arm, seed, series name, steps, values)]} for CE, KV loss and cosine."""
+    panels = {"CE loss": [], "KV loss": [], "KV cosine (train)": []}
+    for arm, runs in metrics.items():
+        for seed, steps in _seeded(runs).items():
+            keys = sorted({k for step in steps for k in step})
+            series = [("CE loss", "ce", "ce")]
+            for panel, prefix in (("KV loss", "kv/"), ("KV cosine (train)", "cos/")):
+                series += [(panel, k, k.removeprefix(prefix)) for k in keys if k.startswith(prefix)]
+            for panel, key, name in series:
+                points = [(s["step"], s[key]) for s in steps if s.get(key) is not None]
+                if points:
+                    panels[panel].append((arm, seed, name, *zip(*points)))
+    return panels
+
+
+def plot_training_curves(metrics):
+    """PNG (base64) of CE / KV loss / train cosine against step, one line per arm × seed
+    (× teacher), colour by arm; an empty panel says "n/a" (the ce arm logs no KV loss)."""
+    panels = _curve_panels(metrics)
+    colours = {arm: f"C{k}" for k, arm in enumerate(metrics)}
+    styles = ["-", "--", ":", "-."]
+    fig = Figure(figsize=(13, 3.6))
+    for ax, (title, lines) in zip(fig.subplots(1, 3), panels.items()):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if not lines:
+            ax.text(0.5, 0.5, f"{NA}: no arm logged this", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        names = sorted({name for *_, name, _, _ in lines})
+        for arm, seed, name, steps, values in lines:
+            label = f"{arm}/seed{seed}" + (f" {name}" if len(names) > 1 else "")
+            ax.plot(steps, values, color=colours[arm], linewidth=1, alpha=0.8, label=label,
+                    linestyle=styles[names.index(name) % len(styles)])
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_cosine_heatmap(evals):
+    """PNG (base64) of held-out KV cosine, student layer × teacher, one panel per arm (mean over
+    seeds); None when no arm has per-layer cosines."""
+    maps = {}
+    for arm, runs in evals["arms"].items():
+        recs = [rec for rec in runs.values() if rec["kv_cosine"] is not None]
+        if recs:
+            teachers = sorted(recs[0]["kv_cosine"]["per_layer"])
+            maps[arm] = (teachers, np.mean([[r["kv_cosine"]["per_layer"][t] for t in teachers]
+                                            for r in recs], axis=0).T)
+    if not maps:
+        return None
+    fig = Figure(figsize=(3.2 + 2.4 * len(maps), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(maps)))
+    for ax, (arm, (teachers, grid)) in zip(axes, maps.items()):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(0.0, grid.min()), vmax=1.0)
+        ax.set_title(f"{arm}: held-out cosine")
+        ax.set_xticks(range(len(teachers)), teachers, rotation=30, ha="right")
+        ax.set_yticks(range(grid.shape[0]))
+        ax.set_ylabel("student layer")
+        for (layer, col), value in np.ndenumerate(grid):
+            ax.text(col, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > 0.6 else "white")  # readable on viridis' light end
+        fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
+def plot_bars(summary):
+    """PNG (base64) of accuracy and NLL per model, error bars = bootstrap 95 % CI over examples."""
+    labels = list(summary["models"])
+    names = [_model_name(label, summary) for label in labels]
+    fig = Figure(figsize=(11, 3.6))
+    for ax, metric, scale, ylabel in zip(fig.subplots(1, 2), ("accuracy", "nll"), (100, 1),
+                                         ("accuracy (%)", "answer NLL (nats/token)")):
+        means = np.array([summary["models"][m][metric]["mean"] for m in labels]) * scale
+        cis = np.array([summary["models"][m][metric]["ci"] for m in labels]) * scale
+        ax.bar(names, means, yerr=[means - cis[:, 0], cis[:, 1] - means], capsize=4,
+               color=[f"C{k}" for k in range(len(labels))])
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", rotation=30)
+    return _png(fig)
+
+
+# ---- the document: sections of text, tables and plots, rendered to HTML and to Markdown.
+
+def _pm(stat, fmt):
+    if stat is None:
+        return NA
+    text = fmt.format(stat["mean"])
+    return text if stat["std"] is None else f"{text} ± {fmt.format(stat['std'])}"
+
+
+def _model_name(label, summary):
+    return f"teacher: {label}" if summary["models"][label]["kind"] == "teacher" else label
+
+
+def _summary_section(summary):
+    header = ["model", "seeds", "examples", "accuracy (%)", "accuracy 95 % CI", "NLL (nats/token)",
+              "held-out KV cosine"]
+    rows = []
+    for label, m in summary["models"].items():
+        acc = {**m["accuracy"], "mean": 100 * m["accuracy"]["mean"],
+               "std": None if m["accuracy"]["std"] is None else 100 * m["accuracy"]["std"]}
+        lo, hi = m["accuracy"]["ci"]
+        rows.append([_model_name(label, summary), m["accuracy"]["n_seeds"], m["n_examples"],
+                     _pm(acc, "{:.1f}"), f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                     _pm(m["nll"], "{:.4f}"), _pm(m["heldout_cos"], "{:.3f}")])
+    blocks = [{"kind": "text", "text": "Mean over seeds ± sample standard deviation across seeds "
+                                       "(no ± with one seed). Accuracy CI: bootstrap over test "
+                                       "examples, pooled over seeds."},
+              {"kind": "table", "header": header, "rows": rows}]
+    per_teacher = {label: m["heldout_cos_per_teacher"] for label, m in summary["models"].items()
+                   if m["heldout_cos_per_teacher"]}
+    if per_teacher:
+        teachers = list(dict.fromkeys(t for cos in per_teacher.values() for t in cos))
+        blocks.append({"kind": "heading", "text": "Held-out KV cosine per teacher"})
+        blocks.append({"kind": "table", "header": ["model", *teachers],
+                       "rows": [[label, *(_pm(cos.get(t), "{:.3f}") for t in teachers)]
+                                for label, cos in per_teacher.items()]})
+    return {"title": "Summary", "blocks": blocks}
+
+
+def _ab_section(summary):
+    blocks = []
+    ab = summary["ab"]
+    if ab is None:
+        blocks.append({"kind": "text", "text": f"{NA}: {summary['ab_skipped']}."})
+    else:
+        t, c = ab["treatment"], ab["control"]
+        models = summary["models"]
+        rows, sentences = [], []
+        for metric, name, scale, unit, digits, lower in (
+                ("accuracy", "accuracy", 100, " pp", "{:.2f}", False),
+                ("nll", "answer NLL", 1, " nats/token", "{:.4f}", True)):
+            r = ab[metric]
+            lo, hi = (scale * x for x in r["ci"])
+            rows.append([name, digits.format(scale * models[t][metric]["mean"]),
+                         digits.format(scale * models[c][metric]["mean"]),
+                         f"{scale * r['diff']:+.4g}{unit}", f"[{lo:+.4g}, {hi:+.4g}]",
+                         f"{r['p_value']:.3g}", "yes" if r["significant"] else "no"])
+            sentences.append(describe_difference(name, scale * r["diff"], [lo, hi], lower, unit,
+                                                 t, c))
+        blocks.append({"kind": "text", "text": (
+            f"Paired on {ab['n_examples']} test examples × {len(ab['seeds'])} seed(s) "
+            f"({', '.join(map(str, ab['seeds']))}); percentile bootstrap that resamples examples, "
+            f"each bringing all its seeds. Accuracy in % (differences in percentage points).")})
+        blocks.append({"kind": "table", "header": ["metric", t, c, f"{t} − {c}", "95 % CI", "p",
+                                                   "CI excludes 0"], "rows": rows})
+        blocks += [{"kind": "text", "text": s} for s in sentences]
+
+    best = summary["best_teacher"]
+    rows = []
+    init_nll = summary["models"]["init"]["nll"]["mean"]
+    for arm, gap in summary["gap_recovered"].items():
+        if gap is not None:
+            text = f"{100 * gap:.1f} %"
+        elif best is None:
+            text = f"{NA}: no teacher evaluated"
+        else:
+            text = (f"{NA}: best teacher {best['name']} (NLL {best['nll']:.4f}) is not better than "
+                    f"init (NLL {init_nll:.4f})")
+        rows.append([arm, f"{summary['models'][arm]['nll']['mean']:.4f}", text])
+    blocks.append({"kind": "text", "text": "Gap recovered = (NLL init − NLL arm) / (NLL init − "
+                                           "NLL best teacher), NLL averaged over seeds."})
+    blocks.append({"kind": "table", "header": ["arm", "NLL", "gap recovered"], "rows": rows})
+    return {"title": "A/B", "blocks": blocks}
+
+
+def _plots_section(summary, evals, metrics):
+    blocks = [{"kind": "plot", "title": "Accuracy and NLL per model (bootstrap 95 % CI)",
+               "png": plot_bars(summary)}]
+    if metrics:
+        blocks.append({"kind": "plot", "title": "Training curves",
+                       "png": plot_training_curves(metrics)})
+    else:
+        blocks.append({"kind": "text",
+                       "text": f"Training curves: {NA} (no training metrics given)."})
+    heatmap = plot_cosine_heatmap(evals)
+    if heatmap:
+        blocks.append({"kind": "plot", "title": "Held-out KV cosine per student layer and teacher",
+                       "png": heatmap})
+    else:
+        blocks.append({"kind": "text", "text": f"Held-out KV cosine heatmap: {NA} (no arm has "
+                                               f"per-layer held-out cosines)."})
+    return {"title": "Plots", "blocks": blocks}
+
+
+def _cell(value):
+    if value is None:
+        return NA
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value)
+
+
+def _key_values(title, mapping):
+    if not mapping:
+        return [{"kind": "text", "text": f"{title}: {NA}."}]
+    return [{"kind": "heading", "text": title},
+            {"kind": "table", "header": ["key", "value"],
+             "rows": [[k, _cell(v)] for k, v in mapping.items()]}]
+
+
+def _layer_kinds(dims):
+    """`15× sliding (window 512), 3× full` from the per-layer records of a dims file."""
+    kinds = Counter(layer["kind"] + (f" (window {layer['window']})" if layer.get("window") else "")
+                    for layer in dims.get("layers", []))
+    return ", ".join(f"{n}× {kind}" for kind, n in kinds.items()) or NA
+
+
+def _training_rows(metrics):
+    rows = []
+    for arm, runs in metrics.items():
+        for seed, steps in _seeded(runs).items():
+            last = steps[-1] if steps else {}
+            speeds = [s["tokens_per_s"] for s in steps if s.get("tokens_per_s") is not None]
+            speed = _cell(float(np.median(speeds))) if speeds else NA
+            rows.append([arm, seed, len(steps), _cell(last.get("loss")), _cell(last.get("ce")),
+                         speed, _cell(last.get("elapsed"))])
+    return rows
+
+
+def _facts_section(facts, metrics):
+    blocks = _key_values("Environment", facts.get("env"))
+    blocks += _key_values("Data", facts.get("data"))
+    dims = facts.get("dims") or {}
+    if dims:
+        blocks.append({"kind": "heading", "text": "Model dimensions (measured from the KV cache)"})
+        header = ["model", "architecture", "layers", "KV heads", "head_dim", "KV dim total",
+                  "layer kinds", "notes"]
+        rows = [[name, *(_cell(d.get(k)) for k in ("architecture", "num_layers", "num_kv_heads",
+                                                   "head_dim", "kv_dim_total")),
+                 _layer_kinds(d), "; ".join(d.get("mismatches", [])) or "—"]
+                for name, d in dims.items()]
+        blocks.append({"kind": "table", "header": header, "rows": rows})
+    else:
+        blocks.append({"kind": "text", "text": f"Model dimensions: {NA}."})
+    storage = facts.get("kv_storage") or {}
+    if storage:
+        keys = list(dict.fromkeys(k for s in storage.values() for k in s))
+        blocks.append({"kind": "heading", "text": "KV storage"})
+        blocks.append({"kind": "table", "header": ["teacher", *keys],
+                       "rows": [[t, *(_cell(s.get(k)) for k in keys)] for t, s in storage.items()]})
+    else:
+        blocks.append({"kind": "text", "text": f"KV storage: {NA}."})
+    if metrics:
+        blocks.append({"kind": "heading", "text": "Training runs"})
+        blocks.append({"kind": "table", "header": ["arm", "seed", "steps", "final loss", "final CE",
+                                                   "median tokens/s", "elapsed (s)"],
+                       "rows": _training_rows(metrics)})
+    benchmarks = facts.get("benchmarks") or {}
+    if benchmarks:
+        rows = []
+        for job, reps in benchmarks.items():
+            wall = [r["s"] for r in reps if r.get("s") is not None]
+            rss = [r["max_rss"] for r in reps if r.get("max_rss") is not None]
+            cpu = [r["cpu_time"] for r in reps if r.get("cpu_time") is not None]
+            rows.append([job, f"{np.mean(wall):.1f}" if wall else NA,
+                         f"{max(rss):.0f}" if rss else NA, f"{np.mean(cpu):.1f}" if cpu else NA])
+        blocks.append({"kind": "heading",
+                       "text": "Per-rule wall time and peak memory (Snakemake benchmarks)"})
+        blocks.append({"kind": "table", "rows": rows,
+                       "header": ["job", "wall time (s)", "peak RSS (MB)", "CPU time (s)"]})
+    else:
+        blocks.append({"kind": "text", "text": f"Per-rule wall time and peak memory: {NA}."})
+    return {"title": "Run facts", "blocks": blocks}
+
+
+def _markdown(title, sections):
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section['title']}", ""]
+        for block in section["blocks"]:
+            if block["kind"] == "table":
+                lines.append("| " + " | ".join(map(str, block["header"])) + " |")
+                lines.append("|" + " --- |" * len(block["header"]))
+                lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+                          for row in block["rows"]]
+            elif block["kind"] == "plot":
+                lines.append(f"*Plot: {block['title']} (embedded in report.html).*")
+            elif block["kind"] == "heading":
+                lines.append(f"### {block['text']}")
+            else:
+                lines.append(block["text"])
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_report(summary, evals, metrics, facts, title="kava report"):
+    """(report.html, report.md) as strings, from build_summary's dict, EVALS, METRICS and FACTS
+    (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs."""
+    sections = [_summary_section(summary), _ab_section(summary),
+                _plots_section(summary, evals, metrics), _facts_section(facts, metrics)]
+    templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                            autoescape=True)
+    html = templates.get_template("report.html.j2").render(title=title, sections=sections)
+    return html, _markdown(title, sections)

@@ -1,0 +1,211 @@
+"""kava.report: summary.json content, honest A/B wording, and the rendered HTML/Markdown from
+synthetic evaluation records, training metrics and run facts (1 or 3 seeds, 1 or 2 arms)."""
+
+import base64
+import html as html_lib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from kava.errors import KavaError
+from kava.evaluate import eval_record
+from kava.report import build_summary, describe_difference, read_benchmark, render_report
+
+N = 120
+TEACHERS = ["llama", "gemma"]
+BENCHMARK_TSV = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\t"
+                 "cpu_time\n"
+                 "12.5\t0:00:12\t812.3\t1500.1\t700.0\t710.2\t1.0\t2.0\t95.0\t11.9\n"
+                 "13.5\t0:00:13\t900.7\t1500.1\t700.0\t710.2\tNA\t2.0\t95.0\t12.1\n")
+
+
+def _record(rng, accuracy, nll, difficulty, cosine=False):
+    """A real eval_record with about `accuracy` correct and per-example NLL nll + difficulty."""
+    correct = rng.random(N) < accuracy
+    cos = None
+    if cosine:
+        per_layer = {t: list(np.linspace(0.3, 0.8, 3) + rng.normal(0, 0.01, 3)) for t in TEACHERS}
+        cos = {"overall": float(np.mean(list(per_layer.values()))), "per_layer": per_layer,
+               "per_teacher": {t: float(np.mean(v)) for t, v in per_layer.items()}}
+    return eval_record(list(range(N)), [f"#### {int(c)}" for c in correct], ["1"] * N,
+                       list(nll + difficulty + rng.normal(0, 0.05, N)), kv_cosine=cos)
+
+
+def _evals(seeds, arms=("kv", "ce"), kv_gain=0.3, teacher_nll=1.0):
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 0.5, N)  # shared by all models: what makes pairing pay off
+    return {
+        "init": _record(rng, 0.2, 2.0, difficulty),
+        "teachers": {t: _record(rng, 0.5, teacher_nll + k * 0.1, difficulty)
+                     for k, t in enumerate(TEACHERS)},
+        "arms": {arm: {seed: _record(rng, 0.3, 1.6 - (kv_gain if arm == "kv" else 0.0), difficulty,
+                                     cosine=arm == "kv") for seed in seeds} for arm in arms},
+    }
+
+
+def _metrics(seeds, arms=("kv", "ce")):
+    runs = {}
+    for arm in arms:
+        runs[arm] = {}
+        for seed in seeds:
+            steps = []
+            for step in range(1, 21):
+                row = {"step": step, "loss": 3 / step, "ce": 2 / step + seed * 0.01, "lr": 1e-4,
+                       "tokens_per_s": 500.0 + step, "elapsed": 2.0 * step}
+                if arm == "kv":
+                    row.update({f"kv/{t}": 1 / step for t in TEACHERS})
+                    row.update({f"cos/{t}": 1 - 1 / step for t in TEACHERS})
+                steps.append(row)
+            runs[arm][seed] = steps
+    return runs
+
+
+@pytest.fixture
+def facts(tmp_path):
+    bench = tmp_path / "train-kv-seed0.tsv"
+    bench.write_text(BENCHMARK_TSV)
+    return {
+        "env": {"device": "cpu", "precision": "bf16-mixed", "scheduler": "local", "cpus": 2,
+                "packages": {"torch": "2.13.0", "transformers": "5.23.0"}},
+        "dims": {"student": {"architecture": "qwen3", "num_layers": 3, "num_kv_heads": 3,
+                             "head_dim": 16, "kv_dim_total": 144, "mismatches": [],
+                             "layers": [{"kind": "full"}] * 3},
+                 "gemma": {"architecture": "gemma3_text", "num_layers": 4, "num_kv_heads": 1,
+                           "head_dim": 32, "kv_dim_total": 128,
+                           "mismatches": ["GQA: 1 KV heads serve 4 query heads"],
+                           "layers": [{"kind": "sliding", "window": 16}] * 3 + [{"kind": "full"}]}},
+        "data": {"source": "generator", "rows_hash": "sha256:0123abcd", "test_rows": N},
+        "kv_storage": {t: {"bytes_per_token": 1024, "dtype": "bfloat16", "key_space": "post-rope"}
+                       for t in TEACHERS},
+        "benchmarks": {"train/kv/seed0": read_benchmark(bench)},
+    }
+
+
+def _text(html):
+    """Visible text of the HTML (tags dropped, entities decoded, whitespace folded)."""
+    return html_lib.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+
+
+def test_describe_difference_is_honest():
+    flat = describe_difference("accuracy", 0.8, [-1.2, 2.9], lower_is_better=False, unit=" pp")
+    assert "not significant at 95 %" in flat and "CI includes 0" in flat
+    assert "better" not in flat and "worse" not in flat
+    better = describe_difference("answer NLL", -0.31, [-0.4, -0.2], lower_is_better=True)
+    assert "kv is better than ce" in better and "not significant" not in better
+    assert "by 0.2 to 0.4" in better  # the claim is bounded by the CI, not the point estimate
+    worse = describe_difference("accuracy", -3.0, [-5.0, -1.0], lower_is_better=False, unit=" pp")
+    assert "kv is worse than ce" in worse
+    assert "not significant" in describe_difference("answer NLL", 0.0, [0.0, 0.0], True)
+
+
+def test_build_summary_numbers():
+    evals = _evals(seeds=[0, 1, 2])
+    summary = build_summary(evals, n_boot=2000)
+    kv, ce = evals["arms"]["kv"], evals["arms"]["ce"]
+    expected_nll = np.mean([kv[s]["nll"] - ce[s]["nll"] for s in range(3)])
+    ab = summary["ab"]
+    assert ab["nll"]["diff"] == pytest.approx(expected_nll)
+    lo, hi = ab["nll"]["ci"]
+    assert lo < -0.3 + 0.05 and hi > -0.3 - 0.05 and ab["nll"]["significant"]
+    expected_accuracy = np.mean([kv[s]["accuracy"] - ce[s]["accuracy"] for s in range(3)])
+    assert ab["accuracy"]["diff"] == pytest.approx(expected_accuracy)
+    assert ab["seeds"] == [0, 1, 2] and ab["n_examples"] == N
+    assert summary["heldout_cos"]["ce"] is None
+    expected_cos = np.mean([kv[s]["kv_cosine"]["overall"] for s in range(3)])
+    assert summary["heldout_cos"]["kv"] == pytest.approx(expected_cos)
+    init, best = summary["models"]["init"]["nll"]["mean"], summary["best_teacher"]["nll"]
+    assert summary["best_teacher"]["name"] == "llama"
+    assert summary["gap_recovered"]["kv"] == pytest.approx(
+        (init - summary["models"]["kv"]["nll"]["mean"]) / (init - best))
+    assert summary["models"]["kv"]["nll"]["std"] > 0
+    assert summary["models"]["kv"]["nll"]["n_seeds"] == 3
+    json.dumps(summary)  # the stage writes it as summary.json
+
+
+def test_ab_pairs_by_example_id_and_string_seeds():
+    evals = _evals(seeds=[0, 1])
+    reference = build_summary(evals, n_boot=500)
+    # As loaded from JSON: string seed keys, and the control lists its examples in another order.
+    for rec in evals["arms"]["ce"].values():
+        order = np.random.default_rng(5).permutation(N)
+        rec["per_example"] = {k: [v[i] for i in order] for k, v in rec["per_example"].items()}
+    evals["arms"] = {arm: {str(s): rec for s, rec in runs.items()}
+                     for arm, runs in evals["arms"].items()}
+    shuffled = build_summary(evals, n_boot=500)
+    for metric in ("nll", "accuracy"):
+        assert shuffled["ab"][metric]["diff"] == pytest.approx(reference["ab"][metric]["diff"])
+        assert shuffled["ab"][metric]["ci"] == pytest.approx(reference["ab"][metric]["ci"])
+
+
+def test_summary_rejects_different_examples():
+    evals = _evals(seeds=[0])
+    evals["teachers"]["gemma"]["per_example"]["id"][0] = 9999
+    with pytest.raises(KavaError, match="evaluation of gemma covers 120 examples that differ"):
+        build_summary(evals, n_boot=100)
+
+
+def test_report_with_three_seeds_two_arms(facts):
+    evals, metrics = _evals(seeds=[0, 1, 2], kv_gain=0.3), _metrics([0, 1, 2])
+    summary = build_summary(evals, n_boot=2000)
+    html, md = render_report(summary, evals, metrics, facts)
+    text = _text(html)
+    for heading in ("Summary", "A/B", "Plots", "Run facts"):
+        assert f"<h2>{heading}</h2>" in html and f"## {heading}" in md
+    ab = summary["ab"]
+    # The A/B numbers as printed: NLL diff and CI, accuracy in percentage points.
+    lo, hi = ab["nll"]["ci"]
+    assert f"{ab['nll']['diff']:+.4g} nats/token" in text and f"[{lo:+.4g}, {hi:+.4g}]" in text
+    assert f"{100 * ab['accuracy']['diff']:+.4g} pp" in text
+    assert "kv is better than ce on answer NLL" in text
+    # Both arms draw accuracy from the same 30 %: the CI must include 0 and the page must say so.
+    assert not ab["accuracy"]["significant"]
+    assert ("the difference is not significant at 95 %: this evaluation does not show that kv "
+            "and ce differ on accuracy") in text
+    assert f"{100 * summary['gap_recovered']['kv']:.1f} %" in text
+    # Three inline PNGs (bars, training curves, heatmap), each a real PNG.
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    # Run facts: data hash, layer kinds, mismatch notes, benchmark mean wall time and peak RSS.
+    assert "sha256:0123abcd" in text and "3× sliding (window 16), 1× full" in text
+    assert "GQA: 1 KV heads serve 4 query heads" in text
+    assert "train/kv/seed0 13.0 901" in text
+    assert re.search(r"\d ± \d", text)  # spread over three seeds
+    cos = summary["models"]["kv"]["heldout_cos_per_teacher"]["llama"]
+    assert "Held-out KV cosine per teacher" in text
+    assert f"{cos['mean']:.3f} ± {cos['std']:.3f}" in text
+    assert "sha256:0123abcd" in md and "Plot: Training curves" in md
+
+
+def test_report_single_seed_single_arm_without_cosine(facts):
+    evals, metrics = _evals(seeds=[0], arms=("ce",)), _metrics([0], arms=("ce",))
+    summary = build_summary(evals, n_boot=500)
+    assert summary["ab"] is None and summary["heldout_cos"] == {"ce": None}
+    html, md = render_report(summary, evals, metrics, {})
+    text = _text(html)
+    assert "n/a: the A/B needs arms 'kv' and 'ce'; this run has ce." in text
+    assert "Held-out KV cosine heatmap: n/a" in text
+    assert "KV storage: n/a" in text and "Per-rule wall time and peak memory: n/a" in text
+    assert not re.search(r"\d ± \d", text)  # one seed: no spread is claimed
+    assert len(re.findall(r"data:image/png;base64,", html)) == 2
+    assert "n/a: the A/B needs arms" in md
+
+
+def test_report_when_teacher_is_not_better_than_init(facts):
+    evals = _evals(seeds=[0], teacher_nll=3.0)
+    summary = build_summary(evals, n_boot=500)
+    assert summary["gap_recovered"] == {"kv": None, "ce": None}
+    html, _ = render_report(summary, evals, _metrics([0]), facts)
+    text = _text(html)
+    assert "n/a: best teacher llama (NLL" in text and "is not better than init" in text
+
+
+def test_read_benchmark(tmp_path):
+    path = tmp_path / "bench.tsv"
+    path.write_text(BENCHMARK_TSV)
+    rows = read_benchmark(path)
+    assert rows[0]["s"] == 12.5 and rows[0]["h:m:s"] == "0:00:12" and rows[1]["io_in"] is None
+    (tmp_path / "bad.tsv").write_text("seconds\tmem\n1\t2\n")
+    with pytest.raises(KavaError, match=r"bad.tsv: missing column\(s\) \['s', 'max_rss'\]"):
+        read_benchmark(tmp_path / "bad.tsv")
