@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -12,8 +13,11 @@ from conftest import PROJECT
 
 def snakemake(*args, env=None):
     """Run snakemake; `.output` is stdout and stderr together (it reports errors on stdout)."""
-    result = subprocess.run(["snakemake", *args], cwd=PROJECT, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+    # Rules run `python -m stages...`: put this interpreter's environment first on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=PROJECT,
+                            capture_output=True, text=True,
+                            env={**os.environ, "PATH": path, **(env or {})})
     result.output = result.stdout + result.stderr
     return result
 
