@@ -107,3 +107,25 @@ def test_prune_layers_renumbers_cache_slots(tiny_card):
     out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
     assert len(out.past_key_values.layers) == 2
     json.dumps(model.config.to_dict())
+
+
+def test_stage_cli_reports_one_line_and_exits_non_zero(tmp_path):
+    """The materialize stage, as Snakemake runs it: hf source, offline, not cached."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT
+
+    card = tmp_path / "card.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.materialize", "--name", "qwen",
+         "--spec", json.dumps({"hf": "Qwen/Qwen2.5-0.5B"}), "--model-dir", str(tmp_path / "qwen"),
+         "--card", str(card)],
+        cwd=PROJECT, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("kava: error: model 'qwen': cannot load hf 'Qwen/Qwen2.5-0.5B'")
+    assert "Traceback" not in result.stderr
+    assert not card.exists() and not (tmp_path / "qwen").exists()
