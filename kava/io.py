@@ -30,6 +30,17 @@ def atomic_path(final, is_dir=False):
         raise
 
 
+def remove_stale_temps(final):
+    """Delete the temporaries atomic_path made for `final` in a process that was killed (kill -9
+    runs no cleanup). Only for a caller that is the sole writer of `final`."""
+    final = Path(final)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,197 @@
+"""Run a teacher once over a shard of the data and store its per-layer K and V.
+
+Tokenisation: the teacher's own (fast) tokenizer on `text`, with its default special tokens
+and character offsets. An example longer than `max_length` teacher tokens keeps its first
+`max_length` tokens (`truncate`) or is left out (`skip`); both are counted per shard.
+
+Batching: a shard's examples are sorted by length (longest first, ties in row order) and
+packed into right-padded batches of at most `batch_tokens` padded tokens; right padding with
+the attention mask leaves every real token's K and V as they would be alone. The decoder body
+runs without lm_head under inference_mode.
+
+Compute dtype: `auto` is the job's own device precision (kava.environment.detect_precision:
+bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32); fp32 gives exact hand-checkable
+values. On CPU the result is bit-identical between runs for a given configuration.
+
+On a GPU, each batch's K/V are copied to pinned host memory on a side stream and written into
+the memory-mapped shard by a writer thread while the next batch runs.
+"""
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kava.align import ratio_layer_map
+from kava.capture import attention_shape, decoder_layers, forward_kv
+from kava.environment import detect_device, detect_precision
+from kava.errors import KavaError
+from kava.kvstore import (FORMAT, STORAGE_DTYPES, ShardWriter, quantize_fp8, sha256_file,
+                          shard_layout)
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Batches whose K/V are in flight (being copied or written) at once: one being written while
+# the next computes. More would only hold more host memory.
+IN_FLIGHT = 2
+
+
+def compute_dtype(name):
+    """(name, torch dtype) of `precompute.compute_dtype`, resolving `auto` for this job's device."""
+    if name == "auto":
+        name = detect_precision(detect_device())
+    return name, COMPUTE_DTYPES[name]
+
+
+def select_layers(spec, n_teacher, n_student=None, teacher="teacher"):
+    """Sorted teacher layer indices to store. `mapped`: the layers of the ratio layer map
+    (kava.align.ratio_layer_map) from the student's depth onto the teacher's."""
+    if spec == "all":
+        return list(range(n_teacher))
+    if spec == "mapped":
+        return sorted(set(ratio_layer_map(n_student, n_teacher)))
+    bad = [layer for layer in spec if not 0 <= layer < n_teacher]
+    if bad:
+        raise KavaError(f"precompute.layers {bad} out of range for teacher {teacher} "
+                        f"(layers 0..{n_teacher - 1})")
+    return sorted(set(spec))
+
+
+def tokenizer_identity(tokenizer, model_dir):
+    """What identifies the tokenisation a shard was made with."""
+    identity = {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+    definition = Path(model_dir) / "tokenizer.json"
+    if definition.is_file():
+        identity["tokenizer_json_sha256"] = sha256_file(definition)
+    return identity
+
+
+def tokenize(tokenizer, rows, max_length, on_too_long, teacher="teacher"):
+    """Kept examples as (row position, input_ids, char_spans) and the ids truncated / skipped."""
+    if not tokenizer.is_fast:
+        raise KavaError(f"teacher {teacher}: tokenizer {type(tokenizer).__name__} is not a fast "
+                        f"tokenizer, so it gives no character offsets")
+    encoded = tokenizer([row["text"] for row in rows], return_offsets_mapping=True)
+    kept, truncated, skipped = [], [], []
+    for position, (row, ids, spans) in enumerate(
+            zip(rows, encoded["input_ids"], encoded["offset_mapping"])):
+        if len(ids) > max_length:
+            if on_too_long == "skip":
+                skipped.append(row["id"])
+                continue
+            truncated.append(row["id"])
+            ids, spans = ids[:max_length], spans[:max_length]
+        kept.append((position, ids, spans))
+    return kept, truncated, skipped
+
+
+def length_batches(lengths, batch_tokens):
+    """Indices into `lengths`, longest first, in batches of at most `batch_tokens` padded tokens
+    (a single example longer than that is a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _storage_tensors(kv, valid, dtype):
+    """{shard tensor name: batch tensor [B, T, ...] or, for k_scale, [B, H, D]}."""
+    out = {}
+    for layer, (k, v) in kv.items():
+        if dtype == "fp8":
+            (out[f"k.{layer}"], out[f"k_scale.{layer}"],
+             out[f"v.{layer}"], out[f"v_scale.{layer}"]) = quantize_fp8(k, v, valid)
+        else:
+            out[f"k.{layer}"] = k.to(STORAGE_DTYPES[dtype])
+            out[f"v.{layer}"] = v.to(STORAGE_DTYPES[dtype])
+    return out
+
+
+def _to_host(tensors, copy_stream):
+    """Start the device→host copy of a batch; returns host tensors and the event that marks
+    the copy done (None on CPU, where the tensors already are host memory)."""
+    if copy_stream is None:
+        return tensors, None
+    copy_stream.wait_stream(torch.cuda.current_stream())
+    host = {}
+    with torch.cuda.stream(copy_stream):
+        for name, tensor in tensors.items():
+            host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host[name].copy_(tensor, non_blocking=True)
+            # The compute stream may free `tensor` before the side stream has read it.
+            tensor.record_stream(copy_stream)
+    event = torch.cuda.Event()
+    event.record(copy_stream)
+    return host, event
+
+
+def _write_batch(writer, batch, lengths, offsets, host, event):
+    if event is not None:
+        event.synchronize()
+    for name, tensor in host.items():
+        target = writer.tensors[name]
+        for row, index in enumerate(batch):
+            if name.startswith("k_scale."):
+                target[index].copy_(tensor[row])
+            else:
+                target[offsets[index]:offsets[index] + lengths[index]].copy_(
+                    tensor[row, :lengths[index]])
+
+
+def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_space, dtype,
+                     max_length, on_too_long, batch_tokens, progress_label="shard"):
+    """Write the shard of `rows` ({id, text}) to `path`; return its sidecar record.
+    `identity`: teacher, weights_sha256, tokenizer (tokenizer_identity) and compute_dtype."""
+    kept, truncated, skipped = tokenize(tokenizer, rows, max_length, on_too_long,
+                                        identity["teacher"])
+    lengths = [len(ids) for _, ids, _ in kept]
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    modules = decoder_layers(model)
+    kv_shape = attention_shape(modules[layers[0]].self_attn)
+    ids = [rows[position]["id"] for position, _, _ in kept]
+    record = {**identity, "dtype": dtype, "key_space": key_space, "layers": layers,
+              "kv_shape": list(kv_shape), "max_length": max_length, "on_too_long": on_too_long}
+    metadata = {key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in {**record, "format": FORMAT, "ids": ids}.items()}
+    device = next(model.parameters()).device
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    layout = shard_layout(len(kept), offsets[-1], layers, kv_shape, dtype)
+    writer = ShardWriter(path, layout, metadata)
+    with ExitStack() as stack:
+        stack.callback(writer.close)
+        writer.tensors["offsets"].copy_(torch.tensor(offsets))
+        for index, (_, token_ids, spans) in enumerate(kept):
+            writer.tensors["input_ids"][offsets[index]:offsets[index + 1]] = torch.tensor(token_ids)
+            writer.tensors["char_spans"][offsets[index]:offsets[index + 1]] = torch.tensor(spans)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        pending = deque()
+        bar = stack.enter_context(tqdm(total=offsets[-1], desc=progress_label, unit="tok"))
+        for batch in length_batches(lengths, batch_tokens):
+            width = lengths[batch[0]]
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            valid = torch.zeros(len(batch), width, dtype=torch.bool)
+            for row, index in enumerate(batch):
+                input_ids[row, :lengths[index]] = torch.tensor(kept[index][1])
+                valid[row, :lengths[index]] = True
+            with torch.inference_mode():
+                kv = forward_kv(model, input_ids.to(device), valid.long().to(device), layers,
+                                key_space)
+                host, event = _to_host(_storage_tensors(kv, valid.to(device), dtype), copy_stream)
+            pending.append(pool.submit(_write_batch, writer, batch, lengths, offsets, host, event))
+            while len(pending) >= IN_FLIGHT:
+                pending.popleft().result()
+            bar.update(sum(lengths[i] for i in batch))
+        for future in pending:
+            future.result()
+    return {**record, "examples": len(kept), "tokens": offsets[-1], "ids": ids,
+            "truncated": truncated, "skipped": skipped, "bytes": Path(path).stat().st_size,
+            "sha256": sha256_file(path)}

@@ -1,0 +1,292 @@
+"""Teacher KV capture into shards: values checked against hand computations, tokenisation and
+offsets, sliding windows, dtypes, layer selection, too-long examples, the stage and resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import PROJECT
+from kava.capture import cache_kv
+from kava.data import write_split
+from kava.dims import detect_dims
+from kava.errors import KavaError
+from kava.io import write_json
+from kava.kvstore import KVStore
+from kava.models import load_model, load_tokenizer
+from kava.precompute import length_batches, select_layers
+from test_kvstore import build_store, synthetic_rows
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3_text"]
+
+
+def hidden_states(model, input_ids):
+    """The hidden state entering each decoder layer, from one plain forward of one example."""
+    with torch.no_grad():
+        return [h[0] for h in model.model(input_ids[None], output_hidden_states=True).hidden_states]
+
+
+def hand_kv(model, input_ids, layer, hidden=None):
+    """K (pre-RoPE) and V of one layer computed from the hidden state entering it, by hand:
+    k_proj(input_layernorm(h)), split into heads, then k_norm where the family has one."""
+    hidden = (hidden or hidden_states(model, input_ids))[layer]
+    with torch.no_grad():
+        block = model.model.layers[layer]
+        attention = block.self_attn
+        x = block.input_layernorm(hidden)
+        head_dim = attention.head_dim
+        k = attention.k_proj(x).view(len(input_ids), -1, head_dim)
+        v = attention.v_proj(x).view(len(input_ids), -1, head_dim)
+        if hasattr(attention, "k_norm"):
+            k = attention.k_norm(k)
+    return k, v
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_pre_rope_kv_equals_hand_computation(tiny_card, tmp_path, architecture):
+    card = tiny_card(architecture)
+    rows = synthetic_rows(5)
+    # batch_tokens forces several padded batches of mixed lengths.
+    store = KVStore(build_store(card, rows, tmp_path, dtype="fp32", batch_tokens=400))
+    model = load_model(card)
+    assert hasattr(model.model.layers[0].self_attn, "k_norm") == (architecture in ("qwen3", "gemma3_text"))
+    for i in range(len(rows)):
+        example = store.example(i)
+        hidden = hidden_states(model, example["input_ids"])
+        for layer in store.layers:
+            k, v = hand_kv(model, example["input_ids"], layer, hidden)
+            torch.testing.assert_close(example["k"][layer], k, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(example["v"][layer], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3_text"])
+def test_post_rope_keys_equal_the_cache(tiny_card, tmp_path, architecture):
+    card = tiny_card(architecture)
+    store = KVStore(build_store(card, synthetic_rows(4), tmp_path, dtype="fp32",
+                                key_space="post_rope", batch_tokens=400))
+    model = load_model(card)
+    for i in range(len(store)):
+        example = store.example(i)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model.model(example["input_ids"][None], use_cache=True, past_key_values=cache)
+        for layer in store.layers:
+            keys = cache.layers[layer].keys[0].transpose(0, 1)
+            values = cache.layers[layer].values[0].transpose(0, 1)
+            torch.testing.assert_close(example["k"][layer], keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(example["v"][layer], values, atol=1e-5, rtol=1e-4)
+        if i == 0:
+            # Not the same as pre-RoPE: rotary really was applied (position 0 is unrotated).
+            pre, _ = hand_kv(model, example["input_ids"], 1)
+            assert not torch.allclose(example["k"][1][1:], pre[1:], atol=1e-3)
+
+
+def test_sliding_window_layers_keep_the_full_sequence(tiny_card, tmp_path):
+    card = tiny_card("gemma3_text")  # window 8
+    model = load_model(card)
+    assert model.config.sliding_window == 8 and model.config.layer_types[0] == "sliding_attention"
+    rows = synthetic_rows(2)
+    for key_space in ("pre_rope", "post_rope"):
+        store = KVStore(build_store(card, rows, tmp_path / key_space, dtype="fp32",
+                                    key_space=key_space))
+        example = store.example(0)
+        n_tokens = len(example["input_ids"])
+        assert n_tokens > 8
+        for layer in store.layers:
+            assert example["k"][layer].shape[0] == example["v"][layer].shape[0] == n_tokens
+    # The model's own cache keeps only the window on a sliding layer: that is what was avoided.
+    default_cache = cache_kv(model, example["input_ids"][None], torch.ones(1, n_tokens, dtype=torch.long))
+    assert default_cache.layers[0].keys.shape[2] < n_tokens
+    # And the stored keys past the window are the hand-computed ones (post-RoPE store is last).
+    pre_store = KVStore(tmp_path / "pre_rope" / "kv" / "manifest.json")
+    k, _ = hand_kv(model, example["input_ids"], 0)
+    torch.testing.assert_close(pre_store.example(0)["k"][0][8:], k[8:], atol=1e-5, rtol=1e-4)
+
+
+def test_storage_dtypes_are_the_rounded_fp32_values(tiny_card, tmp_path):
+    card = tiny_card("qwen2")
+    rows = synthetic_rows(3)
+    exact = KVStore(build_store(card, rows, tmp_path / "fp32", dtype="fp32"))
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        store = KVStore(build_store(card, rows, tmp_path / dtype, dtype=dtype))
+        assert store.dtype == dtype
+        for i in range(len(rows)):
+            for layer in store.layers:
+                assert torch.equal(store.example(i)["k"][layer], exact.example(i)["k"][layer].to(torch_dtype))
+
+
+def test_offsets_pack_examples_without_padding(tiny_card, tmp_path):
+    from safetensors.torch import load_file
+
+    card = tiny_card("llama")
+    rows = synthetic_rows(6)
+    manifest = build_store(card, rows, tmp_path, per_shard=6, batch_tokens=300)
+    store = KVStore(manifest)
+    tensors = load_file((manifest.parent / store.manifest["shards"][0]["path"]).resolve())
+    lengths = [len(store.example(i)["input_ids"]) for i in range(6)]
+    assert tensors["offsets"].tolist() == [sum(lengths[:i]) for i in range(7)]
+    assert tensors["k.0"].shape[0] == sum(lengths) == store.manifest["tokens"]
+    assert len(set(lengths)) > 1  # really mixed lengths, so padding would have shown
+
+
+def test_too_long_examples_are_truncated_or_skipped_and_counted(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    rows = synthetic_rows(6)
+    tokenizer = load_tokenizer(card["dir"])
+    lengths = [len(tokenizer(r["text"])["input_ids"]) for r in rows]
+    limit = sorted(lengths)[3]  # two or three examples are longer
+    too_long = [r["id"] for r, n in zip(rows, lengths) if n > limit]
+    assert 2 <= len(too_long) < 6
+
+    store = KVStore(build_store(card, rows, tmp_path / "t", max_length=limit))
+    assert store.manifest["truncated"] == len(too_long) and store.manifest["skipped"] == 0
+    assert len(store) == 6
+    assert max(len(store.example(i)["input_ids"]) for i in range(6)) == limit
+    truncated = store.example(store.index_of(too_long[0]))
+    assert truncated["input_ids"].tolist() == tokenizer(rows[store.index_of(too_long[0])]["text"])["input_ids"][:limit]
+
+    store = KVStore(build_store(card, rows, tmp_path / "s", max_length=limit, on_too_long="skip"))
+    assert store.manifest["skipped"] == len(too_long) and store.manifest["skipped_ids"] == too_long
+    assert store.manifest["truncated"] == 0 and len(store) == 6 - len(too_long)
+    assert not set(store.ids) & set(too_long)
+
+    with pytest.raises(KavaError, match="every example was skipped as longer than data.max_length 8"):
+        build_store(card, rows, tmp_path / "none", max_length=8, on_too_long="skip")
+
+
+def test_layer_selection():
+    assert select_layers("all", 4) == [0, 1, 2, 3]
+    assert select_layers("mapped", 30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert select_layers("mapped", 18, 10) == sorted(set(select_layers("mapped", 18, 10)))
+    assert select_layers([5, 1, 5], 6) == [1, 5]
+    with pytest.raises(KavaError, match=r"precompute.layers \[6\] out of range for teacher t"):
+        select_layers([1, 6], 6, teacher="t")
+
+
+def test_mapped_layers_store_only_those(tiny_card, tmp_path):
+    card = tiny_card("qwen3")
+    layers = select_layers("mapped", card["num_layers"], 3)
+    store = KVStore(build_store(card, synthetic_rows(2), tmp_path, layers=layers))
+    assert store.layers == layers == [0, 2, 3]
+    assert set(store.example(0)["k"]) == {0, 2, 3}
+
+
+def test_length_batches_respect_the_token_budget():
+    lengths = [5, 9, 3, 9, 7, 1]
+    batches = length_batches(lengths, batch_tokens=18)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    assert batches[0] == [1, 3]  # longest first, ties in row order
+    assert all(len(b) * lengths[b[0]] <= 18 for b in batches)
+    assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in batches)
+    assert length_batches([30, 2], batch_tokens=10) == [[0], [1]]
+
+
+# ---- the stage, resume after kill -9 -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage_inputs(tiny_card, tmp_path_factory):
+    """A card, a prepared split and dims on disk, as the stage gets them from Snakemake."""
+    folder = tmp_path_factory.mktemp("stage")
+    card = tiny_card("llama", hidden_size=128, intermediate_size=256)
+    (folder / "card.json").write_text(json.dumps(card))
+    # Enough tokens (~60k) that a kill after the first batches lands seconds before the end.
+    write_split(synthetic_rows(160), folder / "train.parquet")
+    model = load_model(card)
+    write_json(folder / "dims.json", detect_dims(model, load_tokenizer(card["dir"]), card["name"]))
+    return folder
+
+
+def stage_command(inputs, out, shard=0, **precompute):
+    precompute = {"examples_per_shard": 160, "batch_tokens": 1024, "dtype": "bf16",
+                  "key_space": "pre_rope", "layers": "all", "compute_dtype": "fp32", **precompute}
+    return [sys.executable, "-m", "stages.precompute", "--threads", "1",
+            "--card", str(inputs / "card.json"), "--data", str(inputs / "train.parquet"),
+            "--split", "train", "--shard", str(shard), "--precompute", json.dumps(precompute),
+            "--max-length", "512", "--on-too-long", "truncate",
+            "--teacher-dims", str(inputs / "dims.json"),
+            "--shard-out", str(out / "shard-00000.safetensors"), "--info", str(out / "info.json")]
+
+
+def run_stage(command):
+    return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+
+
+def test_kill_9_mid_shard_then_rerun_is_bit_identical(stage_inputs, tmp_path):
+    clean = tmp_path / "clean"
+    assert run_stage(stage_command(stage_inputs, clean)).returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(stage_command(stage_inputs, killed), cwd=PROJECT,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    # Kill once tqdm reports tokens done, i.e. batches have been written into the temporary shard.
+    progress, done = b"", None
+    while done is None:
+        chunk = process.stderr.read1(4096)
+        assert chunk, f"stage ended before any progress: {progress.decode()[-2000:]}"
+        progress += chunk
+        done = re.search(rb"train shard 0:[^\r\n]*\| *([1-9]\d*)/(\d+) \[", progress)
+    assert int(done.group(1)) < int(done.group(2)), done.group(0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "shard-00000.safetensors").exists() and not (killed / "info.json").exists()
+    assert list(killed.glob(".shard-00000.safetensors.tmp-*"))  # what the kill left behind
+
+    result = run_stage(stage_command(stage_inputs, killed))
+    assert result.returncode == 0, result.stderr
+    assert not list(killed.glob(".shard-00000.safetensors.tmp-*"))
+    assert (killed / "shard-00000.safetensors").read_bytes() == (clean / "shard-00000.safetensors").read_bytes()
+    info = json.loads((killed / "info.json").read_text())
+    assert info == {**json.loads((clean / "info.json").read_text()),
+                    "path": str(killed / "shard-00000.safetensors")}
+    assert info["rows"] == [0, 160] and info["examples"] == 160
+
+
+def test_stage_errors_are_one_line(stage_inputs, tmp_path):
+    result = run_stage(stage_command(stage_inputs, tmp_path, shard=3))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kava: error: {stage_inputs / 'train.parquet'}: rows [480, 160) are outside its 160 rows")
+    result = run_stage(stage_command(stage_inputs, tmp_path, layers=[0, 9]))
+    assert result.returncode == 2 and "precompute.layers [9] out of range" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# ---- the real default teachers ----------------------------------------------------------------
+
+def test_real_teachers_on_a_few_examples(real_cards, tmp_path):
+    from test_data import GSM8K
+
+    if (GSM8K / "test.jsonl").is_file():
+        lines = (GSM8K / "test.jsonl").read_text().splitlines()[:2]
+        rows = [{"id": f"gsm8k-test-{i:05d}", **json.loads(line)} for i, line in enumerate(lines)]
+        for row in rows:
+            row["text"] = f"Question: {row['question']}\nAnswer: {row['answer']}"
+    else:
+        rows = synthetic_rows(2)
+    expected_shapes = {"smollm2": (3, 64), "gemma3": (1, 256)}
+    for name, card in real_cards.items():
+        last = card["num_layers"] - 1
+        store = KVStore(build_store(card, rows, tmp_path / name, layers=[0, last], dtype="fp32",
+                                    per_shard=2, max_length=512))
+        assert store.kv_shape == expected_shapes[name] and store.layers == [0, last]
+        model = load_model(card)
+        tokenizer = load_tokenizer(card["dir"])
+        for i, row in enumerate(rows):
+            example = store.example(i)
+            assert example["input_ids"].tolist() == tokenizer(row["text"])["input_ids"]
+            spans = example["char_spans"]
+            if name == "gemma3":  # BOS first, with an empty span
+                assert example["input_ids"][0] == tokenizer.bos_token_id and spans[0].tolist() == [0, 0]
+            assert spans[-1, 1] == len(row["text"])
+            hidden = hidden_states(model, example["input_ids"])
+            for layer in store.layers:
+                k, v = hand_kv(model, example["input_ids"], layer, hidden)
+                torch.testing.assert_close(example["k"][layer], k, atol=1e-4, rtol=1e-3)
+                torch.testing.assert_close(example["v"][layer], v, atol=1e-4, rtol=1e-3)
