@@ -5,6 +5,8 @@ Everything here is deterministic given its inputs (greedy decoding, seeded boots
 evaluations of the same model on the same rows agree to the token.
 """
 
+import hashlib
+import json
 import math
 import re
 
@@ -109,30 +111,51 @@ def _batches(lengths, batch_size):
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-class AnswerLineStop(StoppingCriteria):
-    """Finish a sequence once its continuation holds a complete `#### <number>` line. GSM8K
-    answers end there; without this a base model keeps writing the next question until
-    max_new_tokens, which is most of the evaluation time on CPU. Per-sequence, so a batch stops
-    each row exactly where that row alone would."""
+def at_word_boundary(prompt, answer):
+    """(prompt, answer) with the prompt's trailing whitespace moved to the answer.
 
-    def __init__(self, tokenizer, prompt_width):
+    A template such as "...\nAnswer: " ends in a space that BPE tokenizers glue to the next
+    word (" Natalia" is one token). Tokenised alone, that prompt ends in a lone " " token that
+    no model saw before an answer in training, so generation and the answer NLL would start
+    off-distribution. Split at the word boundary instead, prompt and answer tokenise as they
+    do inside the joined text."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):] + answer
+
+
+def _cut_at_stop(text, stop):
+    """`text` up to the first occurrence of any stop string."""
+    return text[:min((text.find(s) for s in stop if s in text), default=len(text))]
+
+
+class AnswerLineStop(StoppingCriteria):
+    """Finish a sequence once its continuation holds a complete `#### <number>` line, or any of
+    the `stop` strings. GSM8K answers end there; without this a base model keeps writing the
+    next question until max_new_tokens, which is most of the evaluation time on CPU.
+    Per-sequence, so a batch stops each row exactly where that row alone would."""
+
+    def __init__(self, tokenizer, prompt_width, stop=()):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
+        self.stop = tuple(stop)
 
     def __call__(self, input_ids, scores, **kwargs):
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:],
                                             skip_special_tokens=True)
-        done = [ANSWER_LINE.search(text) is not None for text in texts]
+        done = [ANSWER_LINE.search(text) is not None or any(s in text for s in self.stop)
+                for text in texts]
         return torch.tensor(done, device=input_ids.device)
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop=()):
     """Greedy continuations of `prompts` (text only, special tokens skipped), in prompt order.
 
     Batches are left-padded so every row's next token sits in the last column; the tokenizer is
     only used to encode/decode, its padding settings are never touched. A row stops at eos, at a
-    finished `#### <number>` line, or after max_new_tokens. Puts the model in eval mode."""
+    finished `#### <number>` line, at any of the `stop` strings (which are cut off the text, e.g.
+    "\nQuestion:" when a base model starts the next question), or after max_new_tokens. Puts the
+    model in eval mode."""
     if not prompts:
         raise KavaError("no prompts to generate from: the prompt list is empty")
     model.eval()
@@ -145,12 +168,14 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1])]))
+                stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1],
+                                                                       stop)]))
             for row, i in enumerate(batch):
                 new = out[row, ids.shape[1]:].tolist()
                 # Cut at the first eos: after it the row holds pads, which need not be special.
                 end = min((new.index(e) for e in eos_ids if e in new), default=len(new))
-                texts[i] = tokenizer.decode(new[:end], skip_special_tokens=True)
+                texts[i] = _cut_at_stop(tokenizer.decode(new[:end], skip_special_tokens=True),
+                                        stop)
             progress.update(len(batch))
     return texts
 
@@ -260,15 +285,34 @@ def gap_recovered(nll_init, nll_arm, nll_best_teacher):
     return (nll_init - nll_arm) / gap
 
 
-def eval_record(ids, predictions, references, nlls, kv_cosine=None):
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of what decides how text becomes tokens: a fast tokenizer's full definition
+    (vocabulary, merges, normalizer, pre-tokenizer, added tokens), else a slow one's vocabulary.
+    Truncation and padding are left out: they are runtime settings, and a tokenizer saved after
+    use (as training saves the student's) carries the last ones it was called with."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+    else:
+        definition = {"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab()}
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
+def eval_record(ids, predictions, references, nlls, kv_cosine=None, tokenizer=None):
     """The JSON record of one evaluated model, the shape report.py reads:
 
         {"n": int, "accuracy": float, "nll": float,
          "kv_cosine": None | {"overall": float, "per_teacher": {teacher: float},
                               "per_layer": {teacher: [float per student layer]}},
-         "per_example": {"id": [...], "correct": [bool], "nll": [float], "prediction": [str]}}
+         "tokenizer": None | str,
+         "per_example": {"id": [...], "correct": [bool], "nll": [float], "prediction": [str],
+                         "extracted": [str | None], "reference": [str]}}
 
-    `ids` identify the examples (row ids of the test split) so that arms can be paired."""
+    `ids` identify the examples (row ids of the test split) so that arms can be paired.
+    `tokenizer` identifies the model's tokenisation (tokenizer_fingerprint): NLL is per token,
+    so two models' NLLs compare only when their tokenizers are equal."""
     correct = grade(predictions, references)
     if not len(ids) == len(nlls) == len(correct):
         raise KavaError(f"{len(ids)} ids, {len(predictions)} predictions and {len(nlls)} NLLs "
@@ -279,6 +323,23 @@ def eval_record(ids, predictions, references, nlls, kv_cosine=None):
         raise KavaError(f"kv_cosine keys {sorted(kv_cosine)}, expected overall, per_layer, "
                         f"per_teacher")
     return {"n": len(ids), "accuracy": float(np.mean(correct)), "nll": float(np.mean(nlls)),
-            "kv_cosine": kv_cosine,
+            "kv_cosine": kv_cosine, "tokenizer": tokenizer,
             "per_example": {"id": list(ids), "correct": correct, "nll": [float(x) for x in nlls],
-                            "prediction": list(predictions)}}
+                            "prediction": list(predictions),
+                            "extracted": [extract_answer(p) for p in predictions],
+                            "reference": [str(r) for r in references]}}
+
+
+def prediction_lines(record, questions):
+    """One dict per example for predictions.jsonl, in the record's order, for a person to read:
+    id, question, the generated text, the answer extracted from it, the reference, whether
+    they match, and the answer NLL."""
+    examples = record["per_example"]
+    if len(questions) != len(examples["id"]):
+        raise KavaError(f"{len(questions)} questions for {len(examples['id'])} evaluated examples")
+    return [{"id": example_id, "question": question, "generated": generated,
+             "extracted": extracted, "reference": reference, "correct": correct,
+             "answer_nll": nll}
+            for example_id, question, generated, extracted, reference, correct, nll in zip(
+                examples["id"], questions, examples["prediction"], examples["extracted"],
+                examples["reference"], examples["correct"], examples["nll"])]

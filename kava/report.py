@@ -15,13 +15,15 @@ METRICS, the training logs (metrics.jsonl rows):
     {"<arm>": {<seed>: [{"step", "loss", "ce", "kv/<teacher>", "cos/<teacher>", "lr",
                          "tokens_per_s", "elapsed"}, ...]}}     # kv/ and cos/ keys optional
 
-FACTS, what the run was (every key optional; a missing one shows as "n/a"):
+FACTS, what the run was (every key optional; a missing one shows as "n/a"; load_facts reads
+them from the run's files):
     {"env": {...env.json...},
      "dims": {"<model>": {...dims/<model>.json: architecture, num_layers, num_kv_heads, head_dim,
                           kv_dim_total, layers: [{"kind", "window"?}], mismatches: [str]}},
      "data": {"source": str, "rows_hash": str, ...},
      "kv_storage": {"<teacher>": {"bytes_per_token", "dtype", "key_space", ...}},
-     "benchmarks": {"<job>": [row, ...]}}          # rows as read_benchmark returns them
+     "benchmarks": {"<job>": [row, ...]},          # rows as read_benchmark returns them
+     "evaluation": {...}}                          # the evaluation settings
 """
 
 import base64
@@ -60,6 +62,107 @@ def read_benchmark(path):
                     parsed[key] = None
             rows.append(parsed)
     return rows
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise KavaError(f"{what} {path}: unreadable ({type(err).__name__})") from None
+
+
+def _eval_file(path):
+    record = _read_json(path, "evaluation")
+    examples = record.get("per_example", {}).get("id") if isinstance(record, dict) else None
+    if not examples:
+        raise KavaError(f"evaluation {path}: no evaluated examples (empty predictions)")
+    return record
+
+
+def load_evals(paths):
+    """EVALS from the evaluate stage's files: {"init": path, "teachers": {name: path},
+    "arms": {arm: {seed: path}}}."""
+    return {"init": _eval_file(paths["init"]),
+            "teachers": {name: _eval_file(path) for name, path in paths["teachers"].items()},
+            "arms": {arm: {seed: _eval_file(path) for seed, path in runs.items()}
+                     for arm, runs in paths["arms"].items()}}
+
+
+def load_metrics(paths):
+    """METRICS from {arm: {seed: metrics.jsonl path}}."""
+    metrics = {}
+    for arm, runs in paths.items():
+        metrics[arm] = {}
+        for seed, path in runs.items():
+            try:
+                lines = Path(path).read_text().splitlines()
+                metrics[arm][seed] = [json.loads(line) for line in lines if line.strip()]
+            except (OSError, ValueError) as err:
+                raise KavaError(f"training metrics {path}: unreadable ({type(err).__name__})"
+                                ) from None
+    return metrics
+
+
+def _flatten(mapping, prefix=""):
+    """{"device": {"name": x}} -> {"device.name": x}: one table row per leaf."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _kv_storage(manifests):
+    """Per teacher, what its stored KV costs, summed over its manifests (splits)."""
+    by_teacher = {}
+    for manifest in manifests:
+        by_teacher.setdefault(manifest["teacher"]["name"], []).append(manifest)
+    storage = {}
+    for teacher, found in by_teacher.items():
+        first = found[0]
+        heads, head_dim = first["kv_shape"]
+        tokens = sum(m["tokens"] for m in found)
+        stored = sum(m["bytes"] for m in found)
+        # What the same K and V would take as raw fp32, without any file format around them.
+        fp32 = 2 * len(first["layers"]) * heads * head_dim * 4
+        storage[teacher] = {
+            "dtype": first["dtype"], "key_space": first["key_space"],
+            "layers stored": len(first["layers"]), "KV heads × head_dim": f"{heads} × {head_dim}",
+            "splits": ", ".join(f"{m['split']} {m['examples']} ex" for m in found),
+            "tokens": tokens, "MB": round(stored / 2**20, 2),
+            "bytes/token": round(stored / tokens, 1), "raw fp32 bytes/token": fp32,
+            "stored / fp32": round(stored / tokens / fp32, 3),
+            "truncated": sum(m["truncated"] for m in found),
+            "skipped": sum(m["skipped"] for m in found)}
+    return storage
+
+
+def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir=None,
+               evaluation=None):
+    """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
+    manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`) and the evaluation
+    settings (a dict). Anything not given is left out and shows as n/a."""
+    facts = {}
+    if env:
+        facts["env"] = _flatten(_read_json(env, "environment"))
+    if dims:
+        facts["dims"] = {name: _read_json(path, "dims") for name, path in dims.items()}
+    if data_info:
+        info = _read_json(data_info, "data info")
+        # The culprit of every skipped row belongs in data.json, not in a report table.
+        for split in info.get("splits", {}).values():
+            split.pop("skipped_rows", None)
+        facts["data"] = _flatten(info)
+    if manifests:
+        facts["kv_storage"] = _kv_storage([_read_json(path, "KV manifest") for path in manifests])
+    if benchmarks_dir:
+        facts["benchmarks"] = {f"{path.parent.name}/{path.stem}": read_benchmark(path)
+                               for path in sorted(Path(benchmarks_dir).glob("*/*.tsv"))}
+    if evaluation:
+        facts["evaluation"] = _flatten(evaluation)
+    return facts
 
 
 def describe_difference(name, diff, ci, lower_is_better, unit="", treatment="kv", control="ce"):
@@ -149,7 +252,8 @@ def _cosines(label, recs):
 def build_summary(evals, treatment="kv", control="ce", n_boot=10000, seed=0):
     """The dict written as summary.json, from EVALS (module docstring). Diffs are treatment −
     control, with paired bootstrap 95 % CIs pooled over the seeds both arms ran (resampling
-    examples, each bringing all its seeds):
+    examples, each bringing all its seeds). NLL is per token, so the best teacher (the reference
+    of gap_recovered) is chosen among the teachers whose tokenizer equals the student's:
 
         {"ab": None | {"treatment", "control", "seeds": [...], "n_examples": int,
                        "nll": {"diff", "ci", "p_value", "significant"},
@@ -157,8 +261,10 @@ def build_summary(evals, treatment="kv", control="ce", n_boot=10000, seed=0):
          "ab_skipped": None | str,                 # why there is no A/B
          "heldout_cos": {"<arm>": float | None},   # mean over seeds
          "gap_recovered": {"<arm>": float | None}, # None: best teacher not better than init
-         "best_teacher": None | {"name", "nll"},
+         "gap_skipped": None | str,                # why there is no best teacher
+         "best_teacher": None | {"name", "nll"},   # among teachers with init's tokenizer
          "models": {"<label>": {"kind": "init"|"arm"|"teacher", "n_examples": int,
+                    "same_tokenizer_as_init": bool | None,   # None: a record lacks "tokenizer"
                     "accuracy"/"nll": {"mean", "std", "n_seeds", "ci"},
                     "heldout_cos": None | {"mean", "std", "n_seeds"},
                     "heldout_cos_per_teacher": None | {"<teacher>": {"mean", "std", "n_seeds"}}}}}
@@ -180,14 +286,28 @@ def build_summary(evals, treatment="kv", control="ce", n_boot=10000, seed=0):
         models[label] = entry
 
     arms = {arm: _seeded(runs) for arm, runs in evals["arms"].items()}
-    teachers = {name: models[name]["nll"]["mean"] for name in evals["teachers"]}
+    init_tokenizer = evals["init"].get("tokenizer")
+    for label, _, _, rec in rows:
+        # Unknown (None) on either side is taken as comparable: records that predate the field.
+        models[label]["same_tokenizer_as_init"] = (
+            None if init_tokenizer is None or rec.get("tokenizer") is None
+            else rec["tokenizer"] == init_tokenizer)
+    teachers = {name: models[name]["nll"]["mean"] for name in evals["teachers"]
+                if models[name]["same_tokenizer_as_init"] is not False}
     best = min(teachers, key=teachers.get) if teachers else None
     init_nll = models["init"]["nll"]["mean"]
+    gap_skipped = None
+    if not evals["teachers"]:
+        gap_skipped = "no teacher evaluated"
+    elif best is None:
+        gap_skipped = ("no evaluated teacher shares the student's tokenizer, and NLL per token "
+                       "does not compare across tokenizers")
     summary = {
         "ab": None, "ab_skipped": None,
         "heldout_cos": {arm: (models[arm]["heldout_cos"] or {}).get("mean") for arm in arms},
         "gap_recovered": {arm: gap_recovered(init_nll, models[arm]["nll"]["mean"], teachers[best])
                           if best else None for arm in arms},
+        "gap_skipped": gap_skipped,
         "best_teacher": {"name": best, "nll": teachers[best]} if best else None,
         "models": models,
     }
@@ -321,12 +441,17 @@ def _summary_section(summary):
         acc = {**m["accuracy"], "mean": 100 * m["accuracy"]["mean"],
                "std": None if m["accuracy"]["std"] is None else 100 * m["accuracy"]["std"]}
         lo, hi = m["accuracy"]["ci"]
+        other_units = " †" if m.get("same_tokenizer_as_init") is False else ""
         rows.append([_model_name(label, summary), m["accuracy"]["n_seeds"], m["n_examples"],
                      _pm(acc, "{:.1f}"), f"[{100 * lo:.1f}, {100 * hi:.1f}]",
-                     _pm(m["nll"], "{:.4f}"), _pm(m["heldout_cos"], "{:.3f}")])
-    blocks = [{"kind": "text", "text": "Mean over seeds ± sample standard deviation across seeds "
-                                       "(no ± with one seed). Accuracy CI: bootstrap over test "
-                                       "examples, pooled over seeds."},
+                     _pm(m["nll"], "{:.4f}") + other_units, _pm(m["heldout_cos"], "{:.3f}")])
+    notes = ("Mean over seeds ± sample standard deviation across seeds (no ± with one seed). "
+             "Accuracy CI: bootstrap over test examples, pooled over seeds. NLL: mean over "
+             "examples of the answer's negative log-likelihood per token, teacher-forced.")
+    if any(m.get("same_tokenizer_as_init") is False for m in summary["models"].values()):
+        notes += (" † This model tokenises differently from the student: its NLL is per token "
+                  "of its own tokenizer and does not compare with the others'.")
+    blocks = [{"kind": "text", "text": notes},
               {"kind": "table", "header": header, "rows": rows}]
     per_teacher = {label: m["heldout_cos_per_teacher"] for label, m in summary["models"].items()
                    if m["heldout_cos_per_teacher"]}
@@ -374,30 +499,33 @@ def _ab_section(summary):
         if gap is not None:
             text = f"{100 * gap:.1f} %"
         elif best is None:
-            text = f"{NA}: no teacher evaluated"
+            text = f"{NA}: {summary['gap_skipped']}"
         else:
             text = (f"{NA}: best teacher {best['name']} (NLL {best['nll']:.4f}) is not better than "
                     f"init (NLL {init_nll:.4f})")
         rows.append([arm, f"{summary['models'][arm]['nll']['mean']:.4f}", text])
+    reference = f" (here {best['name']})" if best else ""
     blocks.append({"kind": "text", "text": "Gap recovered = (NLL init − NLL arm) / (NLL init − "
-                                           "NLL best teacher), NLL averaged over seeds."})
+                                           "NLL best teacher), NLL averaged over seeds; the best "
+                                           "teacher is the one with the lowest NLL among those "
+                                           f"that share the student's tokenizer{reference}."})
     blocks.append({"kind": "table", "header": ["arm", "NLL", "gap recovered"], "rows": rows})
     return {"title": "A/B", "blocks": blocks}
 
 
 def _plots_section(summary, evals, metrics):
-    blocks = [{"kind": "plot", "title": "Accuracy and NLL per model (bootstrap 95 % CI)",
-               "png": plot_bars(summary)}]
+    blocks = [{"kind": "plot", "name": "accuracy_nll", "png": plot_bars(summary),
+               "title": "Accuracy and NLL per model (bootstrap 95 % CI)"}]
     if metrics:
-        blocks.append({"kind": "plot", "title": "Training curves",
+        blocks.append({"kind": "plot", "name": "training_curves", "title": "Training curves",
                        "png": plot_training_curves(metrics)})
     else:
         blocks.append({"kind": "text",
                        "text": f"Training curves: {NA} (no training metrics given)."})
     heatmap = plot_cosine_heatmap(evals)
     if heatmap:
-        blocks.append({"kind": "plot", "title": "Held-out KV cosine per student layer and teacher",
-                       "png": heatmap})
+        blocks.append({"kind": "plot", "name": "heldout_kv_cosine", "png": heatmap,
+                       "title": "Held-out KV cosine per student layer and teacher"})
     else:
         blocks.append({"kind": "text", "text": f"Held-out KV cosine heatmap: {NA} (no arm has "
                                                f"per-layer held-out cosines)."})
@@ -444,6 +572,7 @@ def _training_rows(metrics):
 def _facts_section(facts, metrics):
     blocks = _key_values("Environment", facts.get("env"))
     blocks += _key_values("Data", facts.get("data"))
+    blocks += _key_values("Evaluation settings", facts.get("evaluation"))
     dims = facts.get("dims") or {}
     if dims:
         blocks.append({"kind": "heading", "text": "Model dimensions (measured from the KV cache)"})
@@ -508,11 +637,15 @@ def _markdown(title, sections):
 
 
 def render_report(summary, evals, metrics, facts, title="kava report"):
-    """(report.html, report.md) as strings, from build_summary's dict, EVALS, METRICS and FACTS
-    (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs."""
+    """(report.html, report.md, plots) from build_summary's dict, EVALS, METRICS and FACTS
+    (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs; the
+    same plots come back as {name: PNG bytes} for tools that show figures one by one (e.g.
+    Snakemake's own report)."""
     sections = [_summary_section(summary), _ab_section(summary),
                 _plots_section(summary, evals, metrics), _facts_section(facts, metrics)]
     templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                             autoescape=True)
     html = templates.get_template("report.html.j2").render(title=title, sections=sections)
-    return html, _markdown(title, sections)
+    plots = {block["name"]: base64.b64decode(block["png"]) for section in sections
+             for block in section["blocks"] if block["kind"] == "plot"}
+    return html, _markdown(title, sections), plots

@@ -11,8 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from kava.errors import KavaError
-from kava.evaluate import (answer_nll, bootstrap_ci, eval_record, extract_answer, gap_recovered,
-                           generate_answers, grade, is_correct, paired_bootstrap_ci)
+from kava.evaluate import (answer_nll, at_word_boundary, bootstrap_ci, eval_record,
+                           extract_answer, gap_recovered, generate_answers, grade, is_correct,
+                           paired_bootstrap_ci, prediction_lines, tokenizer_fingerprint)
 from kava.models import load_model, load_tokenizer
 
 GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
@@ -140,11 +141,10 @@ def test_generation_split_smaller_than_batch(model, tokenizer):
     assert texts == [_greedy_alone(model, tokenizer, p, 4) for p in PROMPTS[:2]]
 
 
-def test_generation_stops_after_answer_line(model, tokenizer):
+def _bigram(model, tokenizer, prompt, script):
     """A real Llama wired as a bigram machine (attention and MLP outputs zeroed, one basis vector
-    per token) that writes `#### 42\nQuestion...` greedily: the row ends after the answer line."""
-    prompt = "Q: 6*7?\nA:"
-    script = tokenizer("#### 42\nQuestion", add_special_tokens=False)["input_ids"]
+    per token) that writes `script` greedily after `prompt`."""
+    script = tokenizer(script, add_special_tokens=False)["input_ids"]
     chain = [tokenizer(prompt)["input_ids"][-1]] + script
     assert len(set(chain)) == len(chain) <= model.config.hidden_size
     bigram = AutoModelForCausalLM.from_config(model.config)
@@ -157,8 +157,45 @@ def test_generation_stops_after_answer_line(model, tokenizer):
         for k, (token, following) in enumerate(zip(chain, chain[1:])):
             bigram.model.embed_tokens.weight[token, k] = 1.0
             bigram.lm_head.weight[following, k] = 10.0
-    assert _greedy_alone(bigram, tokenizer, prompt, len(script)) == "#### 42\nQuestion"
-    assert generate_answers(bigram, tokenizer, [prompt], len(script), 1) == ["#### 42\n"]
+    return bigram, len(script)
+
+
+def test_generation_stops_after_answer_line(model, tokenizer):
+    """The bigram machine writes `#### 42\nQuestion...`: the row ends after the answer line."""
+    prompt = "Q: 6*7?\nA:"
+    bigram, n = _bigram(model, tokenizer, prompt, "#### 42\nQuestion")
+    assert _greedy_alone(bigram, tokenizer, prompt, n) == "#### 42\nQuestion"
+    assert generate_answers(bigram, tokenizer, [prompt], n, 1) == ["#### 42\n"]
+
+
+def test_generation_stops_at_a_stop_string_and_cuts_it(model, tokenizer):
+    """A base model that answers without `####` and goes on with the next question: the stop
+    string ends the row and is cut off, so the last number is the answer, not the next question's."""
+    prompt = "Q: 6*7? ="
+    bigram, n = _bigram(model, tokenizer, prompt, " 42\nQuestion: 5")
+    assert _greedy_alone(bigram, tokenizer, prompt, n) == " 42\nQuestion: 5"
+    assert extract_answer(generate_answers(bigram, tokenizer, [prompt], n, 1)[0]) == "5"
+    stopped = generate_answers(bigram, tokenizer, [prompt, PROMPTS[0]], n, 2, stop=["\nQuestion:"])
+    assert stopped[0] == " 42" and extract_answer(stopped[0]) == "42"
+    assert stopped[1] == generate_answers(bigram, tokenizer, [PROMPTS[0]], n, 1,
+                                          stop=["\nQuestion:"])[0]
+
+
+def test_word_boundary_split_scores_the_tokens_of_the_joined_text(tokenizer):
+    """Moving the template's trailing space to the answer makes prompt + answer tokenise as the
+    joined text does, so the NLL scores the tokens a model trained on the text would see."""
+    with open(GSM8K_TRAIN) as f:
+        rows = [json.loads(next(f)) for _ in range(20)]
+    for row in rows:
+        prompt = f"Question: {row['question']}\nAnswer: "
+        head, answer = at_word_boundary(prompt, row["answer"])
+        assert head + answer == prompt + row["answer"] and not head.endswith(" ")
+        assert (tokenizer(head)["input_ids"] + tokenizer(answer, add_special_tokens=False)["input_ids"]
+                == tokenizer(prompt + row["answer"])["input_ids"])
+    # The naive split ends the prompt in a lone space token the joined text never has.
+    naive = tokenizer(prompt)["input_ids"] + tokenizer(row["answer"], add_special_tokens=False)[
+        "input_ids"]
+    assert naive != tokenizer(prompt + row["answer"])["input_ids"]
 
 
 ANSWERS = [" 3 + 4 = <<3+4=7>>7\n#### 7", " Each egg costs 3/12 = $0.25\n#### 0.25", " 2",
@@ -277,3 +314,24 @@ def test_eval_record_shape():
         eval_record([1, 1], ["1", "2"], ["1", "2"], [0.1, 0.2])
     with pytest.raises(KavaError, match="2 ids, 3 predictions and 3 NLLs differ"):
         eval_record([1, 2], ["1", "2", "3"], ["1", "2", "3"], [0.1, 0.2, 0.3])
+
+
+def test_prediction_lines_are_readable_and_consistent():
+    record = eval_record(["a", "b", "c"], ["so #### 1,000", "", "I think 7."], ["1000", "5", "7"],
+                         [1.0, 2.0, 3.0])
+    lines = prediction_lines(record, ["q1", "q2", "q3"])
+    assert [line["extracted"] for line in lines] == ["1000", None, "7"]
+    assert [line["correct"] for line in lines] == [True, False, True]  # an empty generation is wrong
+    assert lines[1] == {"id": "b", "question": "q2", "generated": "", "extracted": None,
+                        "reference": "5", "correct": False, "answer_nll": 2.0}
+    with pytest.raises(KavaError, match="2 questions for 3 evaluated examples"):
+        prediction_lines(record, ["q1", "q2"])
+
+
+def test_tokenizer_fingerprint_ignores_runtime_settings(tokenizer, model_dir, tmp_path, tiny_card):
+    before = tokenizer_fingerprint(tokenizer)
+    used = load_tokenizer(model_dir)
+    used("a long enough text", truncation=True, max_length=3)  # what training does to it
+    used.save_pretrained(tmp_path)
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path)) == before
+    assert tokenizer_fingerprint(load_tokenizer(tiny_card("llama")["dir"])) != before

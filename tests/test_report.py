@@ -11,7 +11,8 @@ import pytest
 
 from kava.errors import KavaError
 from kava.evaluate import eval_record
-from kava.report import build_summary, describe_difference, read_benchmark, render_report
+from kava.report import (build_summary, describe_difference, load_evals, load_facts, load_metrics,
+                         read_benchmark, render_report)
 
 N = 120
 TEACHERS = ["llama", "gemma"]
@@ -149,7 +150,7 @@ def test_summary_rejects_different_examples():
 def test_report_with_three_seeds_two_arms(facts):
     evals, metrics = _evals(seeds=[0, 1, 2], kv_gain=0.3), _metrics([0, 1, 2])
     summary = build_summary(evals, n_boot=2000)
-    html, md = render_report(summary, evals, metrics, facts)
+    html, md, plots = render_report(summary, evals, metrics, facts)
     text = _text(html)
     for heading in ("Summary", "A/B", "Plots", "Run facts"):
         assert f"<h2>{heading}</h2>" in html and f"## {heading}" in md
@@ -167,6 +168,8 @@ def test_report_with_three_seeds_two_arms(facts):
     # Three inline PNGs (bars, training curves, heatmap), each a real PNG.
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert sorted(plots) == ["accuracy_nll", "heldout_kv_cosine", "training_curves"]
+    assert sorted(plots.values()) == sorted(base64.b64decode(i) for i in images)
     # Run facts: data hash, layer kinds, mismatch notes, benchmark mean wall time and peak RSS.
     assert "sha256:0123abcd" in text and "3× sliding (window 16), 1× full" in text
     assert "GQA: 1 KV heads serve 4 query heads" in text
@@ -182,13 +185,14 @@ def test_report_single_seed_single_arm_without_cosine(facts):
     evals, metrics = _evals(seeds=[0], arms=("ce",)), _metrics([0], arms=("ce",))
     summary = build_summary(evals, n_boot=500)
     assert summary["ab"] is None and summary["heldout_cos"] == {"ce": None}
-    html, md = render_report(summary, evals, metrics, {})
+    html, md, plots = render_report(summary, evals, metrics, {})
     text = _text(html)
     assert "n/a: the A/B needs arms 'kv' and 'ce'; this run has ce." in text
     assert "Held-out KV cosine heatmap: n/a" in text
     assert "KV storage: n/a" in text and "Per-rule wall time and peak memory: n/a" in text
     assert not re.search(r"\d ± \d", text)  # one seed: no spread is claimed
     assert len(re.findall(r"data:image/png;base64,", html)) == 2
+    assert sorted(plots) == ["accuracy_nll", "training_curves"]
     assert "n/a: the A/B needs arms" in md
 
 
@@ -196,7 +200,7 @@ def test_report_when_teacher_is_not_better_than_init(facts):
     evals = _evals(seeds=[0], teacher_nll=3.0)
     summary = build_summary(evals, n_boot=500)
     assert summary["gap_recovered"] == {"kv": None, "ce": None}
-    html, _ = render_report(summary, evals, _metrics([0]), facts)
+    html, _, _ = render_report(summary, evals, _metrics([0]), facts)
     text = _text(html)
     assert "n/a: best teacher llama (NLL" in text and "is not better than init" in text
 
@@ -209,3 +213,82 @@ def test_read_benchmark(tmp_path):
     (tmp_path / "bad.tsv").write_text("seconds\tmem\n1\t2\n")
     with pytest.raises(KavaError, match=r"bad.tsv: missing column\(s\) \['s', 'max_rss'\]"):
         read_benchmark(tmp_path / "bad.tsv")
+
+
+def test_best_teacher_is_chosen_among_teachers_with_the_students_tokenizer(facts):
+    evals = _evals(seeds=[0])
+    for rec in [evals["init"], *evals["teachers"].values(), *evals["arms"]["kv"].values(),
+                *evals["arms"]["ce"].values()]:
+        rec["tokenizer"] = "student-bpe"
+    evals["teachers"]["llama"]["tokenizer"] = "other-bpe"  # the lowest NLL, in other units
+    summary = build_summary(evals, n_boot=200)
+    assert summary["best_teacher"]["name"] == "gemma"
+    assert summary["models"]["llama"]["same_tokenizer_as_init"] is False
+    assert summary["models"]["kv"]["same_tokenizer_as_init"] is True
+    html, _, _ = render_report(summary, evals, {}, facts)
+    text = _text(html)
+    assert f"{summary['models']['llama']['nll']['mean']:.4f} †" in text
+    assert "does not compare with the others'" in text and "(here gemma)" in text
+
+    evals["teachers"]["gemma"]["tokenizer"] = "other-bpe"
+    summary = build_summary(evals, n_boot=200)
+    assert summary["best_teacher"] is None and summary["gap_recovered"] == {"kv": None, "ce": None}
+    text = _text(render_report(summary, evals, {}, facts)[0])
+    assert "n/a: no evaluated teacher shares the student's tokenizer" in text
+
+
+def test_load_the_run_files(tmp_path):
+    def dump(path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+        return path
+
+    evals = _evals(seeds=[0])
+    paths = {"init": dump(tmp_path / "eval/init.json", evals["init"]),
+             "teachers": {t: dump(tmp_path / f"eval/teacher-{t}.json", rec)
+                          for t, rec in evals["teachers"].items()},
+             "arms": {arm: {"0": dump(tmp_path / f"eval/{arm}-seed0.json", runs[0])}
+                      for arm, runs in evals["arms"].items()}}
+    loaded = load_evals(paths)
+    assert loaded["arms"]["kv"]["0"]["nll"] == evals["arms"]["kv"][0]["nll"]
+    assert build_summary(loaded, n_boot=200)["ab"]["seeds"] == [0]
+
+    metrics = {"kv": {"0": dump(tmp_path / "m.jsonl", '{"step": 1, "ce": 2.0}\n\n{"step": 2, "ce": 1.5}\n')}}
+    assert load_metrics(metrics) == {"kv": {"0": [{"step": 1, "ce": 2.0}, {"step": 2, "ce": 1.5}]}}
+
+    manifest = {"teacher": {"name": "llama"}, "dtype": "bf16", "key_space": "pre_rope",
+                "layers": [0, 1], "kv_shape": [2, 8], "truncated": 1, "skipped": 0}
+    manifests = [dump(tmp_path / "kv/train.json", {**manifest, "split": "train", "examples": 8,
+                                                  "tokens": 100, "bytes": 20000}),
+                 dump(tmp_path / "kv/test.json", {**manifest, "split": "test", "examples": 4,
+                                                 "tokens": 50, "bytes": 10000})]
+    dump(tmp_path / "benchmarks/train/kv-seed0.tsv", BENCHMARK_TSV)
+    facts = load_facts(
+        env=dump(tmp_path / "env.json", {"device": {"type": "cpu", "count": 1}, "cpus": 2}),
+        dims={"student": dump(tmp_path / "dims/student.json", {"num_layers": 3})},
+        data_info=dump(tmp_path / "data.json", {"source": "synthetic", "splits": {"test": {
+            "rows": 4, "sha256": "ab12", "skipped_rows": {"empty_answer": ["f:3"]}}}}),
+        manifests=manifests, benchmarks_dir=tmp_path / "benchmarks",
+        evaluation={"max_new_tokens": 8, "stop": ["\nQuestion:"]})
+    assert facts["env"] == {"device.type": "cpu", "device.count": 1, "cpus": 2}
+    assert facts["data"] == {"source": "synthetic", "splits.test.rows": 4,
+                             "splits.test.sha256": "ab12"}
+    storage = facts["kv_storage"]["llama"]
+    # 30000 bytes over 150 tokens; raw fp32 K and V: 2 tensors x 2 layers x 2 heads x 8 x 4 bytes.
+    assert storage["bytes/token"] == 200.0 and storage["raw fp32 bytes/token"] == 256
+    assert storage["stored / fp32"] == pytest.approx(200 / 256, abs=1e-3)
+    assert storage["splits"] == "train 8 ex, test 4 ex" and storage["truncated"] == 2
+    assert facts["benchmarks"]["train/kv-seed0"][1]["max_rss"] == pytest.approx(900.7)
+    assert facts["evaluation"]["max_new_tokens"] == 8 and facts["dims"]["student"]["num_layers"] == 3
+
+
+def test_load_evals_rejects_empty_and_unreadable_files(tmp_path):
+    record = eval_record([1], ["#### 1"], ["1"], [0.5])
+    record["per_example"] = {key: [] for key in record["per_example"]}
+    empty = tmp_path / "init.json"
+    empty.write_text(json.dumps(record))
+    with pytest.raises(KavaError, match=f"evaluation {empty}: no evaluated examples"):
+        load_evals({"init": empty, "teachers": {}, "arms": {}})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(KavaError, match="bad.json: unreadable"):
+        load_evals({"init": tmp_path / "bad.json", "teachers": {}, "arms": {}})
