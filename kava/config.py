@@ -21,3 +21,22 @@ def used_models(config):
         needed.append(base)
         pending.append(base)
     return needed
+
+
+# Keys of the train section that are about the whole run, not one arm's training.
+RUN_WIDE_TRAIN_KEYS = ("arms", "seeds", "cka_examples")
+
+
+def arm_configs(config):
+    """{arm: its train config}: the train section without the run-wide keys, with the arm's
+    overrides on top."""
+    train = config["train"]
+    base = {key: value for key, value in train.items() if key not in RUN_WIDE_TRAIN_KEYS}
+    arms = {}
+    for arm, overrides in train["arms"].items():
+        run_wide = [key for key in overrides if key in RUN_WIDE_TRAIN_KEYS]
+        if run_wide:
+            raise KavaError(f"config: train.arms.{arm}.{run_wide[0]} cannot be set per arm "
+                            f"(set train.{run_wide[0]})")
+        arms[arm] = {**base, **overrides}
+    return arms

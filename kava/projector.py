@@ -146,3 +146,44 @@ class KVProjector(nn.Module):
                     raise KavaError(f"{path}: projector {key} is {found.get(key)}, "
                                     f"this run expects {expected}")
             self.load_state_dict({name: f.get_tensor(name) for name in f.keys()})
+
+
+PROJECTORS_FORMAT = "kava-projectors-1"
+
+
+def save_projectors(projectors, path):
+    """Several teachers' projectors in one safetensors file: tensors `<teacher>.<name>`, and
+    per teacher its kind, shapes and layer map as metadata `<teacher>.<key>`."""
+    tensors, metadata = {}, {"format": PROJECTORS_FORMAT, "teachers": json.dumps(list(projectors))}
+    for teacher, projector in projectors.items():
+        for name, t in projector.state_dict().items():
+            tensors[f"{teacher}.{name}"] = t.detach().contiguous().cpu()
+        for key, value in projector._metadata().items():
+            metadata[f"{teacher}.{key}"] = value
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_projectors(path):
+    """The projectors save_projectors wrote, rebuilt from the file alone: {teacher: KVProjector}."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != PROJECTORS_FORMAT:
+            raise KavaError(f"{path}: not a kava projectors file (format "
+                            f"{metadata.get('format')}, expected {PROJECTORS_FORMAT})")
+        projectors = {}
+        for teacher in json.loads(metadata["teachers"]):
+            meta = {key: metadata[f"{teacher}.{key}"] for key in
+                    ("kind", "teacher_shape", "student_shape", "layer_map", "hidden")}
+            hidden = json.loads(meta["hidden"])
+            projector = KVProjector(json.loads(meta["layer_map"]), json.loads(meta["teacher_shape"]),
+                                    json.loads(meta["student_shape"]), meta["kind"],
+                                    hidden if hidden is not None else 512)
+            stored = set(f.keys())
+            missing = [n for n in projector.state_dict() if f"{teacher}.{n}" not in stored]
+            if missing:
+                raise KavaError(f"{path}: projector of teacher {teacher} lacks {missing[0]}")
+            projector.load_state_dict({n: f.get_tensor(f"{teacher}.{n}")
+                                       for n in projector.state_dict()})
+            projectors[teacher] = projector
+    return projectors

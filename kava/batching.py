@@ -1,0 +1,192 @@
+"""Training batches: the student's tokens and answer labels, and each teacher's stored KV
+aligned to the student's tokens.
+
+One example, student side (`student_example`):
+
+    text = prompt + answer              # the exact string every model tokenised
+    input_ids, char_spans               # the student's own tokenizer, with character offsets
+    labels = input_ids where the token holds answer characters, else -100
+
+A token that straddles the boundary (GSM8K's prompt ends in "Answer: " and BPE tokenizers
+glue that space to the first answer word) holds answer characters, so it is labelled.
+
+Teacher side (`align_teacher`): the teacher's stored tokens are mapped onto the student's by
+`kava.align`: the identity when the stored input_ids equal the student's (same tokenizer),
+character-span overlap otherwise, linear interpolation only when the store has no offsets
+(or the config asks for it). The aligned KV is `[T_student, H_t, D_t]` in float32; student
+tokens no teacher token covers are invalid and stay out of the KV loss.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from kava.align import interpolate_alignment, span_alignment
+from kava.errors import KavaError
+
+IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
+TIME_ALIGNMENTS = ("auto", "interpolate")
+
+
+def student_example(tokenizer, row, max_length):
+    """Tokenise one data row (`id`, `prompt`, `text`) for the student: ids, character spans
+    over `text`, and labels on the answer tokens. Truncated to max_length tokens."""
+    if not row["text"].startswith(row["prompt"]):
+        raise KavaError(f"row {row['id']}: text does not start with its prompt")
+    try:
+        encoded = tokenizer(row["text"], return_offsets_mapping=True, truncation=True,
+                            max_length=max_length)
+    except NotImplementedError:
+        raise KavaError("the student's tokenizer gives no character offsets (a slow tokenizer); "
+                        "training needs a fast one") from None
+    input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    spans = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    answer = (spans[:, 1] > len(row["prompt"])) & (spans[:, 1] > spans[:, 0])
+    labels = torch.where(answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return {"id": row["id"], "input_ids": input_ids, "char_spans": spans, "labels": labels}
+
+
+def time_alignment(student, teacher, mode="auto"):
+    """How student tokens read one teacher's stored tokens, for one example.
+
+    Returns (weights `[T_s, T_t]` or None for the identity, valid `[T_s]` bool)."""
+    if mode not in TIME_ALIGNMENTS:
+        raise KavaError(f"unknown time alignment {mode!r}; choose one of "
+                        f"{', '.join(TIME_ALIGNMENTS)}")
+    n_student, n_teacher = len(student["input_ids"]), len(teacher["input_ids"])
+    if mode == "auto" and torch.equal(student["input_ids"], teacher["input_ids"].long()):
+        return None, torch.ones(n_student, dtype=torch.bool)
+    if mode == "auto" and teacher.get("char_spans") is not None:
+        return span_alignment(student["char_spans"], teacher["char_spans"])
+    return interpolate_alignment(n_student, n_teacher)
+
+
+def align_teacher(student, teacher, layers, mode="auto", kv_shape=None):
+    """One teacher example's stored K and V of `layers`, on the student's tokens.
+
+    Returns ({layer: (K, V)} each `[T_s, H_t, D_t]` float32, valid `[T_s]` bool). teacher None
+    (the teacher's store skipped this example as too long) gives zeros of `kv_shape`, all
+    invalid: the example still trains on CE and on the other teachers."""
+    n_student = len(student["input_ids"])
+    if teacher is None:
+        zeros = torch.zeros(n_student, *kv_shape)
+        return ({layer: (zeros, zeros) for layer in layers},
+                torch.zeros(n_student, dtype=torch.bool))
+    weights, valid = time_alignment(student, teacher, mode)
+    aligned = {}
+    for layer in layers:
+        k, v = teacher["k"][layer].float(), teacher["v"][layer].float()
+        if weights is not None:
+            k = torch.einsum("st,thd->shd", weights, k)
+            v = torch.einsum("st,thd->shd", weights, v)
+        aligned[layer] = (k, v)
+    return aligned, valid
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher's aligned KV for a padded batch: kv {teacher layer: (K, V)} `[B, T, H, D]`
+    and mask `[B, T]` (True: a real student token that the teacher covers)."""
+    kv: dict
+    mask: torch.Tensor
+
+    def to(self, device):
+        return TeacherTargets({layer: (k.to(device), v.to(device))
+                               for layer, (k, v) in self.kv.items()}, self.mask.to(device))
+
+
+@dataclass
+class Batch:
+    """A right-padded micro-batch: student inputs and labels, and per teacher its targets."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    teachers: dict = field(default_factory=dict)
+
+    def to(self, device):
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.labels.to(device),
+                     {name: targets.to(device) for name, targets in self.teachers.items()})
+
+    @property
+    def ce_tokens(self):
+        """Tokens the causal-LM loss scores: labels are shifted by one inside the model."""
+        return int(self.labels[:, 1:].ne(IGNORE_INDEX).sum())
+
+
+def _pad(rows, value, length):
+    out = torch.full((len(rows), length, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def collate(students, teachers, pad_id, mode="auto"):
+    """students: student_example dicts; teachers: {name: (examples from that teacher's store,
+    one per student example, in order, None where the store lacks it; teacher layers to keep;
+    the store's (heads, head_dim))}."""
+    length = max(len(s["input_ids"]) for s in students)
+    ids = [s["input_ids"] for s in students]
+    batch = Batch(
+        input_ids=_pad(ids, pad_id, length),
+        attention_mask=_pad([torch.ones_like(i) for i in ids], 0, length),
+        labels=_pad([s["labels"] for s in students], IGNORE_INDEX, length),
+    )
+    for name, (examples, layers, kv_shape) in teachers.items():
+        aligned = [align_teacher(s, t, layers, mode, kv_shape) for s, t in zip(students, examples)]
+        kv = {layer: tuple(_pad([a[layer][i] for a, _ in aligned], 0.0, length) for i in (0, 1))
+              for layer in layers}
+        batch.teachers[name] = TeacherTargets(kv, _pad([valid for _, valid in aligned], False,
+                                                       length))
+    return batch
+
+
+def _epoch_seed(seed, epoch):
+    # torch's CPU generator keeps only the low 32 bits of its seed: hash (seed, epoch) into them.
+    digest = hashlib.sha256(f"kava-example-order:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def example_order(n_examples, seed, start, count):
+    """Positions start..start+count-1 of the seed's endless example stream: epoch e is a
+    permutation drawn from its own generator, so the order depends on the seed alone (never
+    on the arm), and any position can be found again after a restart without replaying."""
+    if n_examples < 1:
+        raise KavaError("no training examples")
+    order = []
+    position = start
+    while len(order) < count:
+        epoch, offset = divmod(position, n_examples)
+        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        permutation = torch.randperm(n_examples, generator=generator)
+        take = permutation[offset:offset + count - len(order)].tolist()
+        order.extend(take)
+        position += len(take)
+    return order
+
+
+def store_positions(store, ids, teacher):
+    """Where each example id sits in a teacher's KV store; None for an example the store left
+    out as too long (listed in its manifest's skipped_ids). Any other missing id means the data
+    and the shards differ."""
+    skipped = set(store.manifest.get("skipped_ids", ()))
+    positions = []
+    for example_id in ids:
+        if example_id in skipped:
+            positions.append(None)
+            continue
+        try:
+            positions.append(store.index_of(example_id))
+        except (KeyError, KavaError):
+            raise KavaError(f"example {example_id} is not in the KV store of teacher {teacher} "
+                            f"({store.path}); the data and the shards differ (rerun precompute)"
+                            ) from None
+    return positions
+
+
+def teacher_inputs(stores, positions, chunk, layers):
+    """collate's `teachers` argument for the examples `chunk` (indices into positions)."""
+    return {name: ([None if positions[name][i] is None else store.example(positions[name][i])
+                    for i in chunk], layers[name], tuple(store.kv_shape))
+            for name, store in stores.items()}

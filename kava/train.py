@@ -1,0 +1,493 @@
+"""Train a student and its KV projectors from cached teacher KV: the loop, read top to bottom.
+
+    for step in steps:                     # one optimiser step = effective_batch examples
+        for micro_batch in my slice:       # each GPU (rank) takes its slice of the step's examples
+            loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
+            backward                       # DDP averages gradients at the last micro-batch
+        clip, AdamW step, cosine LR step
+        log one metrics line; every checkpoint_every steps (and on SIGTERM/SIGUSR1/SIGINT)
+        save a checkpoint
+
+The examples of step k are positions [(k-1)·B, k·B) of an endless stream whose order depends on
+the seed only (kava.batching.example_order), so every arm sees the same data in the same order,
+and a resumed run picks up exactly where the checkpoint left off. No teacher runs here: its
+KV comes from the precomputed stores.
+
+Checkpoints live outside the stage's declared outputs (Snakemake deletes incomplete outputs
+before a rerun): `<checkpoint_dir>/step-<n>/` holds model.safetensors (student, projectors,
+teacher weights), state.pt (optimiser, scheduler, grad scaler, RNG, step, the run's identity;
+loaded with weights_only=True) and the metrics so far. The outputs are written once, at the
+end, each atomically; then the checkpoints are removed.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from tqdm import tqdm
+
+from kava.batching import (collate, example_order, store_positions, student_example,
+                           teacher_inputs, time_alignment)
+from kava.distill import Distiller, build_projectors, layer_map, teacher_weights
+from kava.errors import KavaError
+from kava.io import atomic_path, write_json
+from kava.models import load_model as load_hf_model
+from kava.models import load_tokenizer
+from kava.projector import save_projectors
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# Keys of a train config that do not change what is computed: a checkpoint made under other
+# values of these is still this run's.
+NON_IDENTITY_KEYS = ("checkpoint_every", "gpus")
+
+
+class Interrupted(KavaError):
+    """A stop signal arrived; the checkpoint is written and a rerun resumes from it."""
+
+
+# ---- setup --------------------------------------------------------------------------------
+
+def init_distributed():
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def resolve_precision(setting, env_precision):
+    """train.precision: auto takes the probe's (env.json) choice for this machine."""
+    precision = env_precision if setting == "auto" else setting
+    if precision not in PRECISIONS:
+        raise KavaError(f"train.precision '{precision}' is not one of auto, "
+                        f"{', '.join(PRECISIONS)}")
+    return precision
+
+
+def micro_batch_size(cfg, env, world):
+    """Examples per forward on one process; auto takes env.json's recommendation."""
+    if cfg["effective_batch"] % world:
+        raise KavaError(f"train.effective_batch {cfg['effective_batch']} does not split evenly "
+                        f"over {world} processes")
+    micro = cfg["micro_batch"]
+    if micro == "auto":
+        recommended = (env or {}).get("recommended") or {}
+        if "micro_batch" not in recommended:
+            raise KavaError("train.micro_batch is auto but env.json has no recommended "
+                            "micro_batch; set train.micro_batch")
+        micro = recommended["micro_batch"]
+    return max(1, min(int(micro), cfg["effective_batch"] // world))
+
+
+def open_stores(teachers):
+    """{teacher: KVStore} of the train split, checked against the teacher's card."""
+    from kava.kvstore import KVStore
+
+    stores = {}
+    for teacher in teachers:
+        card = teacher["card"]
+        store = KVStore(teacher["manifest"], expect={
+            "teacher": card["name"], "weights_sha256": card["weights_sha256"]})
+        if not store.manifest.get("shards") or len(store) == 0:
+            raise KavaError(f"{teacher['manifest']}: the KV store of teacher {card['name']} has "
+                            f"no shards (empty shard list); rerun precompute")
+        stores[card["name"]] = store
+    key_spaces = {store.manifest["key_space"] for store in stores.values()}
+    if len(key_spaces) != 1:
+        raise KavaError(f"the teachers' KV stores mix key spaces {sorted(key_spaces)}; "
+                        f"precompute them all with the same key_space")
+    return stores
+
+
+def manifest_identity(manifest):
+    """What a checkpoint must match to be resumed: the shards' contents and what they hold."""
+    return {
+        "shards": [shard["sha256"] for shard in manifest["shards"]],
+        "teacher": manifest.get("teacher"),
+        **{key: manifest.get(key) for key in ("dtype", "key_space", "layers")},
+    }
+
+
+def fingerprint(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def build_optimizer(distiller, cfg):
+    """AdamW, two LR groups (student, projectors + teacher weights); no weight decay on biases,
+    norms and other 1-D parameters."""
+    groups = []
+    for lr, params in ((cfg["lr"], distiller.student.parameters()),
+                       (cfg["projector_lr"], [*distiller.projectors.parameters(),
+                                              *distiller.teacher_weights.parameters()])):
+        params = [p for p in params if p.requires_grad]
+        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr,
+                       "weight_decay": cfg["weight_decay"]})
+        groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr,
+                       "weight_decay": 0.0})
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(cfg["adam_betas"]))
+
+
+def build_scheduler(optimizer, cfg):
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = round(cfg["warmup_ratio"] * cfg["steps"])
+    return get_cosine_schedule_with_warmup(optimizer, warmup, cfg["steps"])
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def latest_checkpoint(checkpoint_dir):
+    pointer = Path(checkpoint_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(checkpoint_dir) / pointer.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+def save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler, scaler, identity,
+                    elapsed, metrics_path):
+    """Write step-<n>/ atomically, point `latest` at it, then drop older ones."""
+    checkpoint_dir = Path(checkpoint_dir)
+    name = f"step-{step:08d}"
+    with atomic_path(checkpoint_dir / name, is_dir=True) as tmp:
+        save_model(distiller, str(tmp / "model.safetensors"))
+        torch.save({
+            "step": step,
+            "elapsed": elapsed,
+            "identity": identity,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }, tmp / "state.pt")
+        shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+    with atomic_path(checkpoint_dir / "latest") as tmp:
+        tmp.write_text(name + "\n")
+    for old in checkpoint_dir.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return checkpoint_dir / name
+
+
+def resume(checkpoint_dir, identity, distiller, optimizer, scheduler, scaler, metrics_path,
+           rank, log):
+    """Load the latest checkpoint into the run: (step, elapsed); (0, 0.0) for a fresh start.
+
+    A checkpoint of this same run made against other KV shards is refused; one made under
+    another config, student, data or teacher set is another run's, and is set aside."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return 0, 0.0
+    state = torch.load(path / "state.pt", weights_only=True)
+    saved = state["identity"]
+    same_run = ({k: v for k, v in saved.items() if k != "manifests"}
+                == {k: v for k, v in identity.items() if k != "manifests"}
+                and set(saved["manifests"]) == set(identity["manifests"]))
+    if not same_run:
+        log(f"checkpoint {path} belongs to another config, student, data or teacher set; "
+            f"starting afresh")
+        return 0, 0.0
+    for teacher, manifest in identity["manifests"].items():
+        if saved["manifests"][teacher] != manifest:
+            raise KavaError(
+                f"checkpoint {path} was made against other KV shards of teacher {teacher} "
+                f"(its manifest changed since); refusing to resume. Delete {checkpoint_dir} "
+                f"to train from the start on the new shards")
+    load_model(distiller, str(path / "model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if rank == 0:
+        shutil.copyfile(path / "metrics.jsonl", metrics_path)
+    log(f"resumed from {path} (step {state['step']})")
+    return state["step"], state["elapsed"]
+
+
+class StopSignals:
+    """While active, SIGTERM / SIGUSR1 / SIGINT (what SLURM and a terminal send before
+    stopping a job) only record that a stop was asked for; the loop checkpoints at the next
+    step boundary and exits non-zero."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def train(cfg, *, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
+          max_length, outputs, checkpoint_dir, cka_maps=None, log=print):
+    """Train one arm × seed; rank 0 writes `outputs` (student dir, projector, metrics,
+    summary paths). teachers: [{"card", "dims", "manifest"}] in config order. Returns the
+    summary (train.json) on rank 0, None elsewhere."""
+    rank, world, device = init_distributed()
+    try:
+        return _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
+                      max_length, outputs, Path(checkpoint_dir), cka_maps, log, rank, world,
+                      device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
+           max_length, outputs, checkpoint_dir, cka_maps, log, rank, world, device):
+    started = time.perf_counter()
+    precision = resolve_precision(cfg["precision"], env["precision"])
+    micro = micro_batch_size(cfg, env, world)
+    per_rank = cfg["effective_batch"] // world
+    torch.manual_seed(seed)  # projector init; the student starts from its card's weights
+
+    # Data: the student's tokens and labels for every row, and each teacher's store.
+    tokenizer = load_tokenizer(student_card["dir"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    students = [student_example(tokenizer, row, max_length) for row in rows]
+    stores = open_stores(teachers)
+    positions = {name: store_positions(store, [s["id"] for s in students], name)
+                 for name, store in stores.items()}
+    key_space = next(iter(stores.values())).manifest["key_space"]
+
+    # What each student layer learns from, and the projectors that map it.
+    n_student = student_dims["num_layers"]
+    student_shape = (student_dims["num_kv_heads"], student_dims["head_dim"])
+    layer_maps, teacher_shapes = {}, {}
+    for teacher in teachers:
+        name, dims = teacher["card"]["name"], teacher["dims"]
+        layer_maps[name] = layer_map(cfg["layer_map"], n_student, dims["num_layers"], name,
+                                     stores[name].layers, cfg["explicit_layer_map"], cka_maps)
+        teacher_shapes[name] = (dims["num_kv_heads"], dims["head_dim"])
+        if tuple(stores[name].kv_shape) != teacher_shapes[name]:
+            raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
+                            f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
+                            f"says {teacher_shapes[name]}")
+    used_layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
+    # Valid (aligned, non-pad) student tokens per teacher and example: the KV loss of a step is
+    # a mean over the step's valid tokens, whichever process and micro-batch holds them.
+    kv_valid = {name: [0 if i is None else int(time_alignment(
+                    s, stores[name].example(i), cfg["time_alignment"])[1].sum())
+                       for s, i in zip(students, positions[name])]
+                for name in stores}
+    ce_valid = [int(s["labels"][1:].ne(-100).sum()) for s in students]
+    if cfg["ce_weight"] > 0 and not any(ce_valid):
+        raise KavaError(f"no train example keeps an answer token within max_length "
+                        f"{max_length} student tokens: the answer CE would be empty; raise "
+                        f"data.max_length")
+
+    student = load_hf_model(student_card, torch.float32, device).train()
+    projectors = build_projectors(layer_maps, teacher_shapes, student_shape, cfg["projector"],
+                                  cfg["projector_hidden"])
+    weights = teacher_weights(n_student, list(layer_maps), cfg["teacher_weighting"],
+                              cfg["teacher_weights"])
+    distiller = Distiller(student, projectors, weights, cfg, key_space).to(device)
+    model = distiller
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Projectors get no gradient in a CE-only arm without probe_projector.
+        unused = cfg["kv_weight"] == 0 and not cfg["probe_projector"]
+        model = DistributedDataParallel(distiller, find_unused_parameters=unused,
+                                        device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(distiller, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision],
+                              enabled=PRECISIONS[precision] is not None)
+
+    identity = {
+        "config": fingerprint({k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}),
+        "arm": arm, "seed": seed, "student": student_card["weights_sha256"],
+        "data": data_info["splits"]["train"]["sha256"],
+        "manifests": {name: manifest_identity(store.manifest) for name, store in stores.items()},
+    }
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = checkpoint_dir / "metrics.live.jsonl"
+    step, elapsed_before = resume(checkpoint_dir, identity, distiller, optimizer, scheduler,
+                                  scaler, metrics_path, rank, log)
+    if step == 0 and rank == 0:
+        metrics_path.write_text("")
+    _barrier(world)
+    resumed_at = step
+    last_checkpoint = step if step else None
+    t0 = time.perf_counter()
+
+    progress = tqdm(total=cfg["steps"], initial=step, desc=f"train {arm} seed{seed}",
+                    unit="step", disable=rank != 0)
+    with StopSignals() as stop:
+        while step < cfg["steps"]:
+            step += 1
+            step_start = time.perf_counter()
+            batch_ids = example_order(len(students), seed, (step - 1) * cfg["effective_batch"],
+                                      cfg["effective_batch"])
+            mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
+            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            ce_items = sum(ce_valid[i] for i in batch_ids)
+            kv_items = {name: sum(kv_valid[name][i] for i in batch_ids) for name in stores}
+
+            sums = None
+            for j, chunk in enumerate(chunks):
+                batch = collate([students[i] for i in chunk],
+                                teacher_inputs(stores, positions, chunk, used_layers),
+                                pad_id, cfg["time_alignment"]).to(device)
+                last = j == len(chunks) - 1
+                with (model.no_sync() if world > 1 and not last else nullcontext()):
+                    with autocast:
+                        loss, stats = model(batch, ce_items, kv_items, len(chunks))
+                    # DDP averages gradients over processes; each process's loss is its share
+                    # of the step's sum, so scale back up to get the sum.
+                    scaler.scale(loss * world).backward()
+                stats = {k: v.double() for k, v in stats.items()}
+                sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+
+            stopping = _reduce(sums, stop, world, device)
+            sums = {k: v.cpu() for k, v in sums.items()}
+            ce, kv_matrix, cos = float(sums["ce"]), sums["kv"], sums["cos"]
+            loss_value = distiller.objective(ce, kv_matrix.float().to(device))
+            if not math.isfinite(loss_value) or not math.isfinite(ce):
+                raise KavaError(
+                    f"arm {arm} seed {seed}: loss is {loss_value} (ce {ce}) at step {step}; "
+                    f"stopped. " + _kept(checkpoint_dir, last_checkpoint))
+            scaler.unscale_(optimizer)
+            # Clipped apart: the projectors' gradients must not rescale the student's step (in
+            # the CE baseline they would otherwise change it).
+            grad_norm, projector_grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]))
+                for params in (student.parameters(), [*distiller.projectors.parameters(),
+                                                      *distiller.teacher_weights.parameters()]))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                raise KavaError(
+                    f"arm {arm} seed {seed}: gradient norm is {grad_norm} at step {step}; "
+                    f"stopped. " + _kept(checkpoint_dir, last_checkpoint))
+            lrs = scheduler.get_last_lr()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            now = time.perf_counter()
+            if rank == 0:
+                line = _metrics_line(step, loss_value, ce, kv_matrix, cos, list(stores), lrs,
+                                     (grad_norm, projector_grad_norm), float(sums["tokens"]),
+                                     now - step_start, elapsed_before + now - t0, distiller)
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(line) + "\n")
+                progress.set_postfix(loss=f"{loss_value:.3f}", ce=f"{ce:.3f}")
+                progress.update(1)
+            # The last step needs none: the outputs come next.
+            if stopping or (step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]):
+                if rank == 0:
+                    save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler,
+                                    scaler, identity, elapsed_before + now - t0, metrics_path)
+                last_checkpoint = step
+                _barrier(world)
+            if stopping:
+                raise Interrupted(f"arm {arm} seed {seed}: stopped by {stop.received or 'a peer'}"
+                                  f" at step {step}; checkpoint saved in {checkpoint_dir}; rerun "
+                                  f"to resume")
+    progress.close()
+
+    summary = None
+    if rank == 0:
+        summary = {
+            "arm": arm, "seed": seed, "config": cfg,
+            "steps": cfg["steps"], "resumed_from_step": resumed_at,
+            "examples": len(students),
+            "examples_without_answer_tokens": sum(1 for n in ce_valid if n == 0),
+            "effective_batch": cfg["effective_batch"],
+            "micro_batch": micro, "processes": world, "device": device.type,
+            "precision": precision, "key_space": key_space,
+            "data": data_info,
+            "student": {"name": student_card["name"],
+                        "weights_sha256": student_card["weights_sha256"]},
+            "teachers": {name: {"manifest": str(t["manifest"]),
+                                "identity": identity["manifests"][name],
+                                "layer_map": layer_maps[name],
+                                "weights": weights.weights()[:, k].tolist()}
+                         for k, (name, t) in enumerate(zip(stores, teachers))},
+            "wall_s": round(time.perf_counter() - started, 3),
+        }
+        _publish(distiller, tokenizer, metrics_path, summary, outputs)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    _barrier(world)
+    return summary
+
+
+def _reduce(sums, stop, world, device):
+    """Sum the step's statistics over processes; True if any process got a stop signal."""
+    flag = torch.tensor([1.0 if stop.received else 0.0], dtype=torch.float64, device=device)
+    if world > 1:
+        for value in sums.values():
+            dist.all_reduce(value)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _kept(checkpoint_dir, last_checkpoint):
+    if last_checkpoint is None:
+        return "No checkpoint was written yet."
+    return f"The last good checkpoint (step {last_checkpoint}) is kept in {checkpoint_dir}."
+
+
+def _metrics_line(step, loss, ce, kv_matrix, cos, teachers, lrs, grad_norms, tokens, step_s,
+                  elapsed, distiller):
+    line = {"step": step, "loss": loss, "ce": ce}
+    for t, name in enumerate(teachers):
+        line[f"kv/{name}"] = float(kv_matrix[:, t].mean())
+        line[f"cos/{name}"] = float(cos[:, t].mean())
+        for layer, value in enumerate(cos[:, t].tolist()):
+            line[f"cos/{name}/{layer}"] = value
+        if isinstance(distiller.teacher_weights.logits, torch.nn.Parameter):
+            line[f"w/{name}"] = float(distiller.teacher_weights.weights()[:, t].mean())
+    line.update({"lr": lrs[0], "lr_projector": lrs[-1], "grad_norm": grad_norms[0],
+                 "grad_norm_projector": grad_norms[1],
+                 "tokens": int(tokens), "tokens_per_s": tokens / step_s, "elapsed": elapsed})
+    return line
+
+
+def _publish(distiller, tokenizer, metrics_path, summary, outputs):
+    """The stage's outputs, each under a temporary name until complete."""
+    with atomic_path(outputs["student"], is_dir=True) as tmp:
+        distiller.student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    save_projectors(dict(distiller.projectors.items()), outputs["projector"])
+    with atomic_path(outputs["metrics"]) as tmp:
+        shutil.copyfile(metrics_path, tmp)
+    write_json(outputs["summary"], summary)

@@ -1,0 +1,58 @@
+"""Stage train: one arm x seed → a trained student, its projectors, metrics.jsonl, train.json.
+
+Under torchrun (`torchrun --nproc_per_node N -m stages.train ...`) each process trains on its
+slice of every step's examples (DDP); process 0 writes the outputs. A SIGTERM, SIGUSR1 or
+SIGINT checkpoints at the next step and exits non-zero; rerunning resumes from the checkpoint.
+"""
+
+import os
+
+import torch
+
+from kava.cli import json_arg, run_stage, stage_parser
+from kava.data import read_split
+from kava.io import read_json
+from kava.train import train
+
+
+def main(args):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # The job's threads are shared by its processes.
+    torch.set_num_threads(max(1, args.threads // world))
+    teachers = [{"card": read_json(card), "dims": read_json(dims), "manifest": manifest}
+                for card, dims, manifest in zip(args.teacher_cards, args.teacher_dims,
+                                                args.manifests, strict=True)]
+    train(args.train, arm=args.arm, seed=args.seed,
+          student_card=read_json(args.student_card), student_dims=read_json(args.student_dims),
+          teachers=teachers, rows=read_split(args.data, ("id", "prompt", "text")),
+          data_info=read_json(args.data_info), env=read_json(args.env),
+          max_length=args.max_length,
+          outputs={"student": args.student_out, "projector": args.projector_out,
+                   "metrics": args.metrics_out, "summary": args.summary_out},
+          checkpoint_dir=args.checkpoint_dir,
+          cka_maps=read_json(args.cka_maps) if args.cka_maps else None)
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--arm", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--train", type=json_arg, required=True,
+                        help="the arm's train config (train keys with the arm's overrides), JSON")
+    parser.add_argument("--student-card", required=True)
+    parser.add_argument("--student-dims", required=True)
+    parser.add_argument("--teacher-cards", nargs="+", required=True)
+    parser.add_argument("--teacher-dims", nargs="+", required=True)
+    parser.add_argument("--manifests", nargs="+", required=True,
+                        help="each teacher's train-split KV manifest, in teacher order")
+    parser.add_argument("--data", required=True, help="data/train.parquet")
+    parser.add_argument("--data-info", required=True, help="data/data.json")
+    parser.add_argument("--env", required=True, help="env.json (precision, micro-batch)")
+    parser.add_argument("--max-length", type=int, required=True)
+    parser.add_argument("--cka-maps", help="layer maps from the cka stage (layer_map: cka)")
+    parser.add_argument("--checkpoint-dir", required=True, help="not an output: survives reruns")
+    parser.add_argument("--student-out", required=True)
+    parser.add_argument("--projector-out", required=True)
+    parser.add_argument("--metrics-out", required=True)
+    parser.add_argument("--summary-out", required=True)
+    run_stage(main, parser)

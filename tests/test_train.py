@@ -1,0 +1,548 @@
+"""Training from cached teacher KV on tiny random models: batches and alignment, the loss, the
+loop (learning, arms, resume, signals, DDP), the stage, and bad inputs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import PROJECT
+from kava.batching import (IGNORE_INDEX, collate, example_order, student_example,
+                           teacher_inputs, time_alignment)
+from kava.capture import forward_kv
+from kava.config import arm_configs
+from kava.data import PROMPT_TEMPLATE, rows_sha256, write_split
+from kava.dims import detect_dims
+from kava.distill import cka_layer_maps, kv_cosine, layer_map, student_forward
+from kava.errors import KavaError
+from kava.io import write_json
+from kava.kvstore import KVStore
+from kava.models import load_model, load_tokenizer, materialize
+from kava.projector import KVProjector, load_projectors, save_projectors
+from kava.synthetic import generate
+from kava.train import train
+from test_kvstore import build_store
+
+MAX_LENGTH = 256
+SCHEMA = yaml.safe_load((PROJECT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def train_config(**overrides):
+    """The schema's train defaults (without the run-wide keys) with `overrides`."""
+    defaults = {key: spec["default"]
+                for key, spec in SCHEMA["properties"]["train"]["properties"].items()}
+    config = {"train": {**defaults, **overrides, "arms": {"arm": {}}}}
+    return arm_configs(config)["arm"]
+
+
+def data_rows(n, seed=0, split="train"):
+    rows = []
+    for i, r in enumerate(generate(n, seed, split)):
+        prompt = PROMPT_TEMPLATE.format(question=r["question"])
+        rows.append({"id": f"synthetic-{split}-{i:05d}", "question": r["question"],
+                     "answer": r["answer"], "prompt": prompt, "text": prompt + r["answer"]})
+    return rows
+
+
+def bpe_teacher(card, rows, folder):
+    """A copy of a tiny model with its own BPE tokenizer trained on `rows`: a teacher whose
+    tokens differ from the student's byte-level ones, as across real model families."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        [r["text"] for r in rows],
+        trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                            special_tokens=["<bos>", "<pad>", "<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>",
+                                        pad_token="<pad>", eos_token="<eos>")
+    shutil.copytree(card["dir"], folder)
+    for stale in folder.glob("tokenizer*"):
+        stale.unlink()
+    tokenizer.save_pretrained(folder)
+    return materialize(folder.name, {"path": str(folder)}, None)
+
+
+def dims_of(card):
+    return detect_dims(load_model(card), load_tokenizer(card["dir"]), card["name"])
+
+
+@pytest.fixture(scope="module")
+def world(tiny_card, tmp_path_factory):
+    """A student (qwen3), a same-tokenizer teacher (llama) and a cross-tokenizer teacher
+    (gemma3 with a BPE tokenizer), 16 train rows, and each teacher's train KV store."""
+    root = tmp_path_factory.mktemp("train")
+    rows = data_rows(16)
+    student = tiny_card("qwen3")
+    llama = tiny_card("llama", seed=1)
+    gemma = bpe_teacher(tiny_card("gemma3_text", seed=2, vocab_size=400), rows,
+                        root / "gemma_bpe")
+    data = root / "train.parquet"
+    write_split([{**r, "final": "0"} for r in rows], data)
+    data_info = {"source": "synthetic", "path": None,
+                 "splits": {"train": {"rows": len(rows), "sha256": rows_sha256(rows)}}}
+    teachers = []
+    for card in (llama, gemma):
+        manifest = build_store(card, rows, root / card["name"], max_length=MAX_LENGTH)
+        teachers.append({"card": card, "dims": dims_of(card), "manifest": manifest})
+    return {"root": root, "rows": rows, "student": student, "student_dims": dims_of(student),
+            "teachers": teachers, "data": data, "data_info": data_info,
+            "env": {"precision": "fp32", "recommended": {"micro_batch": 2}}}
+
+
+def run(world, out, cfg, arm="kv", seed=0, teachers=None, **kwargs):
+    """Train in this process; returns the output paths."""
+    outputs = {"student": out / "student", "projector": out / "projector.safetensors",
+               "metrics": out / "metrics.jsonl", "summary": out / "train.json"}
+    train(cfg, arm=arm, seed=seed, student_card=world["student"],
+          student_dims=world["student_dims"], teachers=teachers or world["teachers"],
+          rows=world["rows"], data_info=world["data_info"], env=world["env"],
+          max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt", log=lambda m: None,
+          **kwargs)
+    return outputs
+
+
+def metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def student_weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+# ---- batches and alignment --------------------------------------------------------------------
+
+def test_labels_cover_exactly_the_answer_tokens(world):
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    row = world["rows"][0]
+    example = student_example(tokenizer, row, 1024)
+    answer = example["labels"] != IGNORE_INDEX
+    spans = example["char_spans"]
+    assert answer.any() and not answer[0]
+    assert torch.equal(example["labels"][answer], example["input_ids"][answer])
+    # Byte-level tokens: the labelled tokens spell the answer exactly.
+    assert "".join(row["text"][a:b] for a, b in spans[answer].tolist()) == row["answer"]
+    # Truncation keeps the first tokens; the labels follow.
+    short = student_example(tokenizer, row, 20)
+    assert len(short["input_ids"]) == 20 and (short["labels"] == IGNORE_INDEX).all()
+
+
+def test_straddling_token_is_an_answer_token():
+    class Spans:
+        """A tokenizer stand-in whose one token glues the prompt's last space to the answer."""
+
+        def __call__(self, text, **kwargs):
+            # "Q: ", "A:", " 4", "2": the prompt ends after the space of " 4".
+            return {"input_ids": [5, 6, 7, 8], "offset_mapping": [(0, 3), (3, 5), (5, 7), (7, 8)]}
+
+    row = {"id": "x", "prompt": "Q: A: ", "text": "Q: A: 42"}
+    example = student_example(Spans(), row, 16)
+    assert example["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, 8]
+
+
+def test_time_alignment_identity_spans_and_interpolation(world):
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    student = student_example(tokenizer, world["rows"][1], MAX_LENGTH)
+    same = KVStore(world["teachers"][0]["manifest"]).example(1)
+    weights, valid = time_alignment(student, same)
+    assert weights is None and valid.all()  # same tokens: the identity, no matrix at all
+    other = KVStore(world["teachers"][1]["manifest"]).example(1)
+    assert len(other["input_ids"]) < len(student["input_ids"])  # BPE merges bytes
+    weights, valid = time_alignment(student, other)
+    assert weights.shape == (len(student["input_ids"]), len(other["input_ids"]))
+    torch.testing.assert_close(weights[valid].sum(1), torch.ones(int(valid.sum())))
+    # Each student byte lies in exactly one teacher token: one weight of 1 per row.
+    assert torch.equal(weights[valid].max(1).values, torch.ones(int(valid.sum())))
+    forced, valid = time_alignment(student, other, "interpolate")
+    assert valid.all() and forced[0, 0] == 1 and forced[-1, -1] == 1
+
+
+def test_collate_pads_and_masks(world):
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    stores = {t["card"]["name"]: KVStore(t["manifest"]) for t in world["teachers"]}
+    students = [student_example(tokenizer, world["rows"][i], n) for i, n in ((0, 40), (1, 64))]
+    positions = {name: [0, 1] for name in stores}
+    layers = {name: [0, 3] for name in stores}
+    batch = collate(students, teacher_inputs(stores, positions, [0, 1], layers),
+                    tokenizer.pad_token_id)
+    assert batch.input_ids.shape == (2, 64)
+    assert batch.attention_mask[0].tolist() == [1] * 40 + [0] * 24
+    assert (batch.labels[0, 40:] == IGNORE_INDEX).all()
+    for name, targets in batch.teachers.items():
+        assert not targets.mask[0, 40:].any() and targets.mask[1].any()
+        k, v = targets.kv[3]
+        assert k.shape[:2] == (2, 64) and k.dtype == torch.float32
+        assert torch.equal(k[0, 40:], torch.zeros_like(k[0, 40:]))
+
+
+def test_real_tokenizers_map_each_student_token_to_the_teacher_tokens_covering_it(real_cards):
+    """SmolLM2 (the student's tokenizer) against Gemma3 on a GSM8K sentence."""
+    text = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half "
+            "as many clips in May. How many clips did Natalia sell altogether in April and May?\n"
+            "Answer: Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72")
+    encoded = {}
+    for name in ("smollm2", "gemma3"):
+        tokens = load_tokenizer(real_cards[name]["dir"])(text, return_offsets_mapping=True)
+        encoded[name] = {"input_ids": torch.tensor(tokens["input_ids"]),
+                         "char_spans": torch.tensor(tokens["offset_mapping"])}
+    student, teacher = encoded["smollm2"], encoded["gemma3"]
+    assert not torch.equal(student["input_ids"], teacher["input_ids"][:len(student["input_ids"])])
+    weights, valid = time_alignment(student, teacher)
+    t_spans = teacher["char_spans"].tolist()
+    for i, (start, end) in enumerate(student["char_spans"].tolist()):
+        covering = [j for j, (a, b) in enumerate(t_spans) if a < end and start < b]
+        assert valid[i] == bool(covering)
+        assert torch.nonzero(weights[i]).flatten().tolist() == covering, text[start:end]
+        overlap = torch.tensor([min(end, t_spans[j][1]) - max(start, t_spans[j][0])
+                                for j in covering], dtype=torch.float32)
+        torch.testing.assert_close(weights[i, covering], overlap / overlap.sum())
+    assert valid.sum() == len(student["input_ids"])  # SmolLM2 adds no BOS: every token is text
+    assert teacher["char_spans"][0].tolist() == [0, 0]  # Gemma's BOS: covers nothing
+
+
+def test_example_order_depends_on_the_seed_only():
+    first = example_order(10, seed=3, start=0, count=25)
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert example_order(10, seed=3, start=7, count=11) == first[7:18]
+    assert example_order(10, seed=4, start=0, count=10) != first[:10]
+
+
+# ---- the loss on the model's own KV -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def self_teacher(world):
+    """The student as its own teacher, stored in fp32: KV loss 0 and cosine 1 at the start."""
+    card = world["student"]
+    manifest = build_store(card, world["rows"], world["root"] / "self", max_length=MAX_LENGTH,
+                           dtype="fp32")
+    return {"card": card, "dims": world["student_dims"], "manifest": manifest}
+
+
+def test_a_teacher_identical_to_the_student_gives_zero_kv_loss(world, self_teacher, tmp_path):
+    cfg = train_config(steps=1, effective_batch=4, micro_batch=2)
+    out = run(world, tmp_path, cfg, teachers=[self_teacher])
+    first = metrics(out["metrics"])[0]
+    name = self_teacher["card"]["name"]
+    assert first[f"kv/{name}"] == pytest.approx(0, abs=1e-5)
+    assert first[f"cos/{name}"] == pytest.approx(1, abs=1e-5)
+
+
+def test_post_rope_capture_matches_the_cache(world):
+    model = load_model(world["student"])
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    students = [student_example(tokenizer, world["rows"][0], 48)]
+    batch = collate(students, {}, tokenizer.pad_token_id)
+    _, kv = student_forward(model, batch, "post_rope")
+    expected = forward_kv(model, batch.input_ids, batch.attention_mask, range(4), "post_rope")
+    for layer, (k, v) in enumerate(kv):
+        torch.testing.assert_close(k, expected[layer][0])
+        torch.testing.assert_close(v, expected[layer][1])
+
+
+def test_cka_layer_map_of_the_student_against_itself_is_the_identity(world, self_teacher):
+    stores = {"self": KVStore(self_teacher["manifest"])}
+    maps = cka_layer_maps(load_model(world["student"]), load_tokenizer(world["student"]["dir"]),
+                          stores, world["rows"][:4], MAX_LENGTH)
+    assert maps["self"]["layer_map"] == [0, 1, 2, 3]
+    scores = torch.tensor(maps["self"]["scores"], dtype=torch.float64)
+    torch.testing.assert_close(scores.diagonal(), torch.ones(4, dtype=torch.float64))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """An uninterrupted kv run: the bit-identity reference for resume and signals."""
+    cfg = train_config(steps=12, effective_batch=4, micro_batch=2, checkpoint_every=4,
+                       lr=3e-3, projector_lr=1e-2, warmup_ratio=0.0)
+    out = run(world, tmp_path_factory.mktemp("reference"), cfg)
+    return cfg, out
+
+
+def test_short_run_lowers_ce_and_kv_loss(world, reference):
+    _, out = reference
+    lines = metrics(out["metrics"])
+    assert [line["step"] for line in lines] == list(range(1, 13))
+    start, end = lines[:3], lines[-3:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    assert mean(end, "ce") < mean(start, "ce") - 0.3
+    for teacher in world["teachers"]:
+        name = teacher["card"]["name"]
+        assert mean(end, f"kv/{name}") < mean(start, f"kv/{name}")
+        assert mean(end, f"cos/{name}") > mean(start, f"cos/{name}")
+        assert {f"cos/{name}/{layer}" for layer in range(4)} <= set(lines[0])
+    for key in ("loss", "lr", "tokens_per_s", "elapsed", "grad_norm"):
+        assert key in lines[0]
+    # The outputs load on their own: plain transformers, and projectors from their file.
+    AutoModelForCausalLM.from_pretrained(out["student"])
+    load_tokenizer(out["student"])
+    projectors = load_projectors(out["projector"])
+    assert list(projectors) == [t["card"]["name"] for t in world["teachers"]]
+    summary = json.loads(out["summary"].read_text())
+    assert summary["data"] == world["data_info"] and summary["steps"] == 12
+    assert set(summary["teachers"]) == set(projectors)
+    assert not (out["student"].parent / "ckpt").exists()  # checkpoints go once published
+
+
+def test_arms_share_init_and_data_order(world, tmp_path):
+    firsts = {}
+    for arm, seed, kv_weight in (("ce", 0, 0.0), ("kv", 0, 1.0), ("ce", 1, 0.0)):
+        cfg = train_config(steps=1, effective_batch=4, micro_batch=4, kv_weight=kv_weight)
+        out = run(world, tmp_path / f"{arm}{seed}", cfg, arm=arm, seed=seed)
+        firsts[arm, seed] = metrics(out["metrics"])[0]
+    # Step 1 is scored before any update: same seed, same examples, same student.
+    assert firsts["ce", 0]["ce"] == firsts["kv", 0]["ce"]
+    assert firsts["ce", 0]["tokens"] == firsts["kv", 0]["tokens"]
+    assert firsts["ce", 1]["ce"] != firsts["ce", 0]["ce"]
+
+
+def test_ce_arm_trains_its_projectors_without_touching_the_student(world, tmp_path):
+    base = dict(steps=3, effective_batch=4, micro_batch=4, warmup_ratio=0.0)
+    probe = run(world, tmp_path / "probe", train_config(kv_weight=0.0, **base), arm="ce")
+    plain = run(world, tmp_path / "plain",
+                train_config(kv_weight=0.0, probe_projector=False, **base), arm="ce")
+    a, b = student_weights(probe["student"]), student_weights(plain["student"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fitted, unfitted = metrics(probe["metrics"]), metrics(plain["metrics"])
+    name = world["teachers"][0]["card"]["name"]
+    assert fitted[-1][f"kv/{name}"] < fitted[0][f"kv/{name}"]
+    assert fitted[-1][f"kv/{name}"] < unfitted[-1][f"kv/{name}"]
+    assert unfitted[-1]["grad_norm_projector"] == 0
+
+
+def test_kv_cosine_of_a_trained_student(world, reference):
+    _, out = reference
+    student = AutoModelForCausalLM.from_pretrained(out["student"])
+    stores = {t["card"]["name"]: KVStore(t["manifest"]) for t in world["teachers"]}
+    cos = kv_cosine(student, load_projectors(out["projector"]), stores, world["rows"][:6],
+                    load_tokenizer(out["student"]), MAX_LENGTH, batch_size=4)
+    assert set(cos["per_teacher"]) == set(stores)
+    assert all(len(values) == 4 for values in cos["per_layer"].values())
+    assert -1 <= cos["overall"] <= 1 and cos["overall"] > 0.1
+
+
+# ---- the stage: kill, signals, DDP --------------------------------------------------------------
+
+def stage_command(world, out, cfg, seed=0):
+    files = {}
+    for key in ("student_card", "student_dims", "data_info", "env"):
+        files[key] = world["root"] / f"{key}.json"
+    write_json(files["student_card"], world["student"])
+    write_json(files["student_dims"], world["student_dims"])
+    write_json(files["data_info"], world["data_info"])
+    write_json(files["env"], world["env"])
+    teacher_files = []
+    for t in world["teachers"]:
+        card, dims = (world["root"] / f"{t['card']['name']}.{kind}.json" for kind in ("card", "dims"))
+        write_json(card, t["card"])
+        write_json(dims, t["dims"])
+        teacher_files.append((card, dims, t["manifest"]))
+    return [
+        "-m", "stages.train", "--threads", "1", "--arm", "kv", "--seed", str(seed),
+        "--train", json.dumps(cfg), "--student-card", str(files["student_card"]),
+        "--student-dims", str(files["student_dims"]),
+        "--teacher-cards", *[str(c) for c, _, _ in teacher_files],
+        "--teacher-dims", *[str(d) for _, d, _ in teacher_files],
+        "--manifests", *[str(m) for _, _, m in teacher_files],
+        "--data", str(world["data"]), "--data-info", str(files["data_info"]),
+        "--env", str(files["env"]), "--max-length", str(MAX_LENGTH),
+        "--checkpoint-dir", str(out / "ckpt"), "--student-out", str(out / "student"),
+        "--projector-out", str(out / "projector.safetensors"),
+        "--metrics-out", str(out / "metrics.jsonl"), "--summary-out", str(out / "train.json")]
+
+
+def start_stage(args, launcher=(sys.executable,)):
+    return subprocess.Popen([*launcher, *args], cwd=PROJECT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def long_config():
+    # Enough steps that the run is still going when the test stops it.
+    return train_config(steps=120, effective_batch=4, micro_batch=2, checkpoint_every=4,
+                        lr=3e-3, projector_lr=1e-2, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def long_reference(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("long")
+    done = subprocess.run([sys.executable, *stage_command(world, out, long_config())],
+                          cwd=PROJECT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def assert_same_outputs(out, reference):
+    a, b = student_weights(out / "student"), student_weights(reference / "student")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Tensors, not bytes: safetensors writes its metadata in no fixed order.
+    p, q = (load_file(str(d / "projector.safetensors")) for d in (out, reference))
+    assert p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p)
+    drop = ("tokens_per_s", "elapsed")
+    strip = [{k: v for k, v in line.items() if k not in drop} for line in metrics(out / "metrics.jsonl")]
+    assert strip == [{k: v for k, v in line.items() if k not in drop}
+                     for line in metrics(reference / "metrics.jsonl")]
+
+
+def test_kill_mid_run_then_rerun_gives_identical_weights(world, long_reference, tmp_path):
+    args = stage_command(world, tmp_path, long_config())
+    process = start_stage(args)
+    latest = tmp_path / "ckpt" / "latest"
+    wait_for(lambda: latest.exists() and latest.read_text().strip() >= "step-00000008", process)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "train.json").exists()
+    resumed = subprocess.run([sys.executable, *args], cwd=PROJECT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert json.loads((tmp_path / "train.json").read_text())["resumed_from_step"] >= 8
+    assert_same_outputs(tmp_path, long_reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_exits_nonzero_and_resumes(world, long_reference, tmp_path, sig):
+    args = stage_command(world, tmp_path, long_config())
+    process = start_stage(args)
+    live = tmp_path / "ckpt" / "metrics.live.jsonl"
+    wait_for(lambda: live.exists() and len(live.read_text().splitlines()) >= 5, process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert f"stopped by {sig.name}" in stderr and "rerun to resume" in stderr
+    step = int((tmp_path / "ckpt" / "latest").read_text().strip().removeprefix("step-"))
+    assert step >= 5  # saved at the step boundary after the signal, not a periodic one
+    state = torch.load(tmp_path / "ckpt" / f"step-{step:08d}" / "state.pt", weights_only=True)
+    assert state["step"] == step
+    if sig == signal.SIGTERM:
+        resumed = subprocess.run([sys.executable, *args], cwd=PROJECT, capture_output=True,
+                                 text=True)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert_same_outputs(tmp_path, long_reference)
+
+
+def test_ddp_two_gloo_processes_equal_one(world, tmp_path):
+    cfg = train_config(steps=3, effective_batch=4, micro_batch=1, lr=3e-3, projector_lr=1e-2,
+                       warmup_ratio=0.0)
+    one = subprocess.run([sys.executable, *stage_command(world, tmp_path / "one", cfg)],
+                         cwd=PROJECT, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
+                          *stage_command(world, tmp_path / "two", cfg)],
+                         cwd=PROJECT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = student_weights(tmp_path / "one" / "student"), student_weights(tmp_path / "two" / "student")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    pa, pb = (load_file(str(tmp_path / d / "projector.safetensors")) for d in ("one", "two"))
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], atol=1e-5, rtol=1e-4)
+    la, lb = (metrics(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    for x, y in zip(la, lb):
+        assert x["ce"] == pytest.approx(y["ce"], rel=1e-5) and x["tokens"] == y["tokens"]
+    assert json.loads((tmp_path / "two" / "train.json").read_text())["processes"] == 2
+
+
+# ---- bad inputs -------------------------------------------------------------------------------
+
+def test_resume_against_changed_manifest_is_refused(world, tmp_path):
+    # A NaN at step 2 (lr 1e30) leaves the checkpoint of step 1 behind, as a kill would.
+    cfg = train_config(steps=4, effective_batch=4, micro_batch=2, checkpoint_every=1, lr=1e30,
+                       warmup_ratio=0.0)
+    with pytest.raises(KavaError, match="at step 2"):
+        run(world, tmp_path, cfg)
+    assert (tmp_path / "ckpt" / "latest").exists()
+    # The teacher's KV was precomputed again, differently (fp32 instead of bf16).
+    teacher = world["teachers"][0]
+    again = {**teacher, "manifest": build_store(teacher["card"], world["rows"], tmp_path / "again",
+                                                max_length=MAX_LENGTH, dtype="fp32")}
+    with pytest.raises(KavaError, match=rf"other KV shards of teacher {teacher['card']['name']} "
+                                        r"\(its manifest changed since\); refusing to resume"):
+        run(world, tmp_path, cfg, teachers=[again, world["teachers"][1]])
+
+
+def test_nan_loss_stops_naming_step_and_arm_and_keeps_the_checkpoint(world, tmp_path):
+    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, checkpoint_every=1, lr=1e30,
+                       warmup_ratio=0.0)
+    with pytest.raises(KavaError) as err:
+        run(world, tmp_path, cfg, arm="kv_big_lr")
+    message = str(err.value)
+    assert "arm kv_big_lr seed 0" in message and "at step 2" in message and "nan" in message
+    assert "last good checkpoint (step 1)" in message and "\n" not in message
+    state = torch.load(tmp_path / "ckpt" / "step-00000001" / "state.pt", weights_only=True)
+    assert state["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(
+        str(tmp_path / "ckpt" / "step-00000001" / "model.safetensors")).values())
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_manifest_of_another_teacher_or_empty_is_refused(world, tmp_path):
+    cfg = train_config(steps=1)
+    wrong = [dict(world["teachers"][0]), world["teachers"][1]]
+    wrong[0]["card"] = {**wrong[0]["card"], "weights_sha256": "f" * 64}
+    with pytest.raises(KavaError, match="weights_sha256 is .* the config asks for 'fff"):
+        run(world, tmp_path, cfg, teachers=wrong)
+    empty = tmp_path / "empty.json"
+    manifest = json.loads(world["teachers"][0]["manifest"].read_text())
+    empty.write_text(json.dumps({**manifest, "shards": []}))
+    with pytest.raises(KavaError, match=f"manifest {empty}: lists no shards"):
+        run(world, tmp_path, cfg, teachers=[{**world["teachers"][0], "manifest": empty}])
+
+
+def test_student_layer_mapped_beyond_the_teacher_is_refused(world, tmp_path):
+    name = world["teachers"][1]["card"]["name"]
+    cfg = train_config(steps=1, layer_map="explicit",
+                       explicit_layer_map={world["teachers"][0]["card"]["name"]: [0, 1, 2, 3],
+                                           name: [0, 1, 2, 4]})
+    with pytest.raises(KavaError, match=f"student layer 3 maps to teacher layer 4, but {name} "
+                                        r"has layers 0\.\.3"):
+        run(world, tmp_path, cfg)
+    # Stored layers: precompute may keep only some; the map must stay inside them.
+    with pytest.raises(KavaError, match=f"student layer 1 maps to teacher {name} layer 1, which "
+                                        r"its KV store does not hold \(stored layers: \[0, 3\]\)"):
+        layer_map("ratio", 4, 4, name, [0, 3])
+
+
+def test_projectors_round_trip_with_their_shapes(tmp_path):
+    projectors = {"a": KVProjector([0, 2, 5], (2, 256), (3, 64)),
+                  "b.x": KVProjector([1, 1, 3], (1, 32), (3, 64), kind="mlp", hidden=8)}
+    save_projectors(projectors, tmp_path / "p.safetensors")
+    loaded = load_projectors(tmp_path / "p.safetensors")
+    assert list(loaded) == ["a", "b.x"] and loaded["b.x"].kind == "mlp"
+    for name, projector in projectors.items():
+        for key, value in projector.state_dict().items():
+            assert torch.equal(loaded[name].state_dict()[key], value)
+
+
+def test_arm_overrides_and_run_wide_keys():
+    config = {"train": {"lr": 1e-4, "seeds": [0], "cka_examples": 16,
+                        "arms": {"ce": {"kv_weight": 0}, "kv": {}}}}
+    arms = arm_configs(config)
+    assert arms == {"ce": {"lr": 1e-4, "kv_weight": 0}, "kv": {"lr": 1e-4}}
+    config["train"]["arms"]["kv"] = {"seeds": [1]}
+    with pytest.raises(KavaError, match=r"train.arms.kv.seeds cannot be set per arm"):
+        arm_configs(config)
