@@ -1,0 +1,93 @@
+TRAIN = f"{RESULTS}/train/{{arm}}/seed{{seed}}"
+CKA_MAPS = f"{RESULTS}/layer_maps/cka.json"
+TRAIN_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/train/manifest.json", teacher=config["teachers"])
+
+
+wildcard_constraints:
+    arm="|".join(map(re.escape, ARMS)),
+    seed=r"\d+",
+
+
+def cka_maps(wildcards):
+    """The CKA layer maps, for an arm that uses them (otherwise the cka rule never runs)."""
+    return [CKA_MAPS] if ARMS[wildcards.arm]["layer_map"] == "cka" else []
+
+
+def train_launcher(wildcards, resources):
+    """One process per GPU the job was given: under torchrun (DDP) when there are several."""
+    if resources.gpu > 1:
+        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m"
+    return "python -m"
+
+
+rule cka_layer_map:
+    """Linear CKA between the initial student's and each teacher's per-layer K on a sample of
+    train examples → the best stored teacher layer per student layer (layer_map: cka)."""
+    input:
+        student_card=card(config["student"]),
+        teacher_cards=expand(card("{teacher}"), teacher=config["teachers"]),
+        manifests=TRAIN_MANIFESTS,
+        data=f"{RESULTS}/data/train.parquet",
+    output:
+        maps=CKA_MAPS,
+    params:
+        examples=config["train"]["cka_examples"],
+        max_length=config["data"]["max_length"],
+        time_alignment=config["train"]["time_alignment"],
+    log:
+        log_path("cka_layer_map", "cka"),
+    benchmark:
+        benchmark_path("cka_layer_map", "cka")
+    threads: config["threads"]
+    conda:
+        "../../envs/kava.yaml"
+    shell:
+        "python -m stages.cka_layer_map --threads {threads} --student-card {input.student_card:q} "
+        "--teacher-cards {input.teacher_cards:q} --manifests {input.manifests:q} "
+        "--data {input.data:q} --examples {params.examples} --max-length {params.max_length} "
+        "--time-alignment {params.time_alignment} --out {output.maps:q} > {log:q} 2>&1"
+
+
+rule train:
+    """One arm x seed: the student and its KV projectors trained from the teachers' stored KV.
+    Checkpoints go to scratch, outside the outputs, so a rerun resumes instead of restarting."""
+    input:
+        student_card=card(config["student"]),
+        student_dims=f"{RESULTS}/dims/{config['student']}.json",
+        teacher_cards=expand(card("{teacher}"), teacher=config["teachers"]),
+        teacher_dims=expand(f"{RESULTS}/dims/{{teacher}}.json", teacher=config["teachers"]),
+        manifests=TRAIN_MANIFESTS,
+        data=f"{RESULTS}/data/train.parquet",
+        data_info=f"{RESULTS}/data/data.json",
+        env=f"{RESULTS}/env.json",
+        cka=cka_maps,
+    output:
+        student=directory(f"{TRAIN}/student"),
+        projector=f"{TRAIN}/projector.safetensors",
+        metrics=f"{TRAIN}/metrics.jsonl",
+        summary=f"{TRAIN}/train.json",
+    params:
+        train=lambda w: as_json(ARMS[w.arm]),
+        max_length=config["data"]["max_length"],
+        checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
+        launcher=train_launcher,
+        cka=lambda w, input: f"--cka-maps {input.cka}" if input.cka else "",
+    resources:
+        gpu=lambda w: ARMS[w.arm]["gpus"],
+    log:
+        log_path("train", "{arm}-seed{seed}"),
+    benchmark:
+        benchmark_path("train", "{arm}-seed{seed}")
+    threads: config["threads"]
+    conda:
+        "../../envs/kava.yaml"
+    shell:
+        "{params.launcher} stages.train --threads {threads} --arm {wildcards.arm} "
+        "--seed {wildcards.seed} --train {params.train:q} "
+        "--student-card {input.student_card:q} --student-dims {input.student_dims:q} "
+        "--teacher-cards {input.teacher_cards:q} --teacher-dims {input.teacher_dims:q} "
+        "--manifests {input.manifests:q} --data {input.data:q} --data-info {input.data_info:q} "
+        "--env {input.env:q} --max-length {params.max_length} {params.cka} "
+        "--checkpoint-dir {params.checkpoint_dir:q} --student-out {output.student:q} "
+        "--projector-out {output.projector:q} --metrics-out {output.metrics:q} "
+        "--summary-out {output.summary:q} > {log:q} 2>&1"
