@@ -28,10 +28,13 @@ from tqdm import tqdm
 
 from kava.align import ratio_layer_map
 from kava.capture import attention_shape, decoder_layers, forward_kv
+from kava.data import rows_sha256
 from kava.environment import detect_device, detect_precision
 from kava.errors import KavaError
-from kava.kvstore import (FORMAT, STORAGE_DTYPES, ShardWriter, quantize_fp8, sha256_file,
-                          shard_layout)
+from kava.io import write_json
+from kava.kvstore import (FORMAT, STORAGE_DTYPES, ShardWriter, build_manifest, quantize_fp8,
+                          sha256_file, shard_layout)
+from kava.models import load_model, load_tokenizer
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Batches whose K/V are in flight (being copied or written) at once: one being written while
@@ -99,6 +102,17 @@ def length_batches(lengths, batch_tokens):
         else:
             batches.append([index])
     return batches
+
+
+def pad_batch(sequences):
+    """Right-padded `[B, T]` input ids and the bool mask of real tokens. The pad id is
+    irrelevant: causal attention never lets a real token see a later (pad) position."""
+    input_ids = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
+    valid = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        valid[row, :len(ids)] = True
+    return input_ids, valid
 
 
 def _storage_tensors(kv, valid, dtype):
@@ -176,12 +190,7 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
         pending = deque()
         bar = stack.enter_context(tqdm(total=offsets[-1], desc=progress_label, unit="tok"))
         for batch in length_batches(lengths, batch_tokens):
-            width = lengths[batch[0]]
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            valid = torch.zeros(len(batch), width, dtype=torch.bool)
-            for row, index in enumerate(batch):
-                input_ids[row, :lengths[index]] = torch.tensor(kept[index][1])
-                valid[row, :lengths[index]] = True
+            input_ids, valid = pad_batch([kept[index][1] for index in batch])
             with torch.inference_mode():
                 kv = forward_kv(model, input_ids.to(device), valid.long().to(device), layers,
                                 key_space)
@@ -195,3 +204,31 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
     return {**record, "examples": len(kept), "tokens": offsets[-1], "ids": ids,
             "truncated": truncated, "skipped": skipped, "bytes": Path(path).stat().st_size,
             "sha256": sha256_file(path)}
+
+
+def precompute_split(card, rows, folder, *, examples_per_shard, compute="fp32", layers=None,
+                     split="train", **options):
+    """Everything the precompute and kv_manifest stages do for one teacher x split, in one
+    process: shards and the manifest under `folder`; returns the manifest path. For benchmarks
+    and tests; the pipeline runs a job per shard instead. `options`: precompute_shard's
+    key_space, dtype, max_length, on_too_long and batch_tokens."""
+    name, dtype = compute_dtype(compute)
+    model = load_model(card, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(card["dir"])
+    identity = {"teacher": card["name"], "weights_sha256": card["weights_sha256"],
+                "tokenizer": tokenizer_identity(tokenizer, card["dir"]), "compute_dtype": name}
+    layers = list(range(card["num_layers"])) if layers is None else layers
+    infos = []
+    for number, start in enumerate(range(0, len(rows), examples_per_shard)):
+        path = Path(folder) / "scratch" / f"shard-{number:05d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = rows[start:start + examples_per_shard]
+        record = precompute_shard(model, tokenizer, part, path, identity=identity,
+                                  layers=layers, progress_label=f"{card['name']} {split} shard {number}",
+                                  **options)
+        infos.append({**record, "path": str(path), "rows": [start, start + len(part)]})
+    data_info = {"source": "in-process", "path": None,
+                 "splits": {split: {"rows": len(rows), "sha256": rows_sha256(rows)}}}
+    manifest_path = Path(folder) / "kv" / "manifest.json"
+    write_json(manifest_path, build_manifest(card, data_info, split, infos, manifest_path))
+    return manifest_path

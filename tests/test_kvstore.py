@@ -6,11 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kava.data import rows_sha256
 from kava.errors import KavaError
 from kava.kvstore import KVStore, ShardWriter, build_manifest, sha256_file
-from kava.models import load_model, load_tokenizer
-from kava.precompute import precompute_shard, tokenizer_identity
+from kava.models import load_tokenizer
+from kava.precompute import precompute_split
 from kava.synthetic import generate
 
 OPTIONS = dict(key_space="pre_rope", dtype="bf16", max_length=1024, on_too_long="truncate",
@@ -23,29 +22,9 @@ def synthetic_rows(n, split="train", seed=0):
              "text": f"Question: {r['question']}\nAnswer: {r['answer']}"} for i, r in enumerate(rows)]
 
 
-def build_store(card, rows, folder, per_shard=4, layers=None, compute="fp32", split="train",
-                **options):
-    """Precompute `rows` with the library, as the stages do, into shards + sidecars + a manifest;
-    returns the manifest path."""
-    options = {**OPTIONS, **options}
-    model = load_model(card, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[compute])
-    tokenizer = load_tokenizer(card["dir"])
-    identity = {"teacher": card["name"], "weights_sha256": card["weights_sha256"],
-                "tokenizer": tokenizer_identity(tokenizer, card["dir"]), "compute_dtype": compute}
-    layers = list(range(card["num_layers"])) if layers is None else layers
-    infos = []
-    for number, start in enumerate(range(0, len(rows), per_shard)):
-        path = folder / "scratch" / f"shard-{number:05d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = precompute_shard(model, tokenizer, rows[start:start + per_shard], path,
-                                  identity=identity, layers=layers, **options)
-        infos.append({**record, "path": str(path), "rows": [start, min(start + per_shard, len(rows))]})
-    data_info = {"source": "synthetic", "path": None,
-                 "splits": {split: {"rows": len(rows), "sha256": rows_sha256(rows)}}}
-    manifest_path = folder / "kv" / "manifest.json"
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(build_manifest(card, data_info, split, infos, manifest_path)))
-    return manifest_path
+def build_store(card, rows, folder, per_shard=4, **options):
+    """A store of `rows`, made in-process as the stages make it (small shards by default)."""
+    return precompute_split(card, rows, folder, examples_per_shard=per_shard, **{**OPTIONS, **options})
 
 
 @pytest.fixture(scope="module")

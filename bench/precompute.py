@@ -1,0 +1,80 @@
+"""Precompute throughput against a bare teacher forward over the same batches.
+
+For each teacher, over the same rows and the same length-sorted batches, alternately:
+- forward: the decoder body alone (no lm_head, no capture), under inference_mode;
+- precompute: kava.precompute.precompute_shard, i.e. tokenisation, the forward with K/V
+  capture, the cast to the stored dtype, the write into the shard and its sha256.
+Both count the same real (unpadded) tokens. Model loading is outside both. Goal: the ratio of
+precompute to forward tokens/s >= 0.90.
+
+    python -m bench.precompute [--tiny | --card CARD ...] [--examples 32] [--repeats 3]
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.common import bench_rows, emit, machine, parser, teacher_cards, timed
+from kava.models import load_model, load_tokenizer
+from kava.precompute import (compute_dtype, length_batches, pad_batch, precompute_shard,
+                             tokenize, tokenizer_identity)
+
+
+def bare_forward(model, batches, kept):
+    with torch.inference_mode():
+        for batch in batches:
+            input_ids, valid = pad_batch([kept[index][1] for index in batch])
+            model.model(input_ids=input_ids, attention_mask=valid.long(), use_cache=False)
+
+
+def main():
+    cli = parser(__doc__)
+    cli.add_argument("--repeats", type=int, default=3)
+    cli.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "fp8"))
+    cli.add_argument("--batch-tokens", type=int, default=2048)
+    cli.add_argument("--max-length", type=int, default=256)
+    args = cli.parse_args()
+    dtype_name, dtype = compute_dtype("auto")
+    rows, source = bench_rows(args.examples)
+    figures = {"bench": "precompute", "machine": machine(args.threads), "data": source,
+               "examples": len(rows), "compute_dtype": dtype_name, "dtype": args.dtype,
+               "teachers": {}}
+    with tempfile.TemporaryDirectory(prefix="kava-bench-") as workdir:
+        for name, card in teacher_cards(args, workdir).items():
+            model = load_model(card, dtype=dtype)
+            tokenizer = load_tokenizer(card["dir"])
+            kept, _, _ = tokenize(tokenizer, rows, args.max_length, "truncate", name)
+            batches = length_batches([len(ids) for _, ids, _ in kept], args.batch_tokens)
+            tokens = sum(len(ids) for _, ids, _ in kept)
+            identity = {"teacher": name, "weights_sha256": card["weights_sha256"],
+                        "tokenizer": tokenizer_identity(tokenizer, card["dir"]),
+                        "compute_dtype": dtype_name}
+            shard = Path(workdir) / f"{name}.safetensors"
+
+            def precompute():
+                return precompute_shard(
+                    model, tokenizer, rows, shard, identity=identity,
+                    layers=list(range(card["num_layers"])), key_space="pre_rope",
+                    dtype=args.dtype, max_length=args.max_length, on_too_long="truncate",
+                    batch_tokens=args.batch_tokens, progress_label=name)
+
+            bare_forward(model, batches[-1:], kept)  # warm-up: kernels, allocator
+            forward_s, precompute_s = float("inf"), float("inf")
+            for _ in range(args.repeats):  # alternate, so load changes hit both alike
+                forward_s = min(forward_s, timed(lambda: bare_forward(model, batches, kept))[0])
+                precompute_s = min(precompute_s, timed(precompute)[0])
+            figures["teachers"][name] = {
+                "tokens": tokens, "batches": len(batches), "layers": card["num_layers"],
+                "forward_s": round(forward_s, 3), "precompute_s": round(precompute_s, 3),
+                "forward_tokens_per_s": round(tokens / forward_s, 1),
+                "precompute_tokens_per_s": round(tokens / precompute_s, 1),
+                "precompute_over_forward_ratio": round(forward_s / precompute_s, 3),
+            }
+    figures["precompute_over_forward_ratio"] = min(
+        t["precompute_over_forward_ratio"] for t in figures["teachers"].values())
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
