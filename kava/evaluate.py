@@ -330,6 +330,38 @@ def eval_record(ids, predictions, references, nlls, kv_cosine=None, tokenizer=No
                             "reference": [str(r) for r in references]}}
 
 
+def heldout_kv_cosine(student, tokenizer, projectors, train_info, manifests, rows, max_length,
+                      batch_size):
+    """Held-out KV cosine of a trained student (kava.distill.kv_cosine, the training's own
+    alignment, projection and student capture, without gradients) against the teachers'
+    test-split KV stores.
+
+    projectors: {teacher: KVProjector} as trained; train_info: the run's train.json, which says
+    the key space, time alignment and teacher weights the projectors were trained with;
+    manifests: the test-split manifest of every teacher. A store made by other teacher weights
+    or in another key space than training used is refused, naming the manifest."""
+    from kava.distill import kv_cosine
+    from kava.kvstore import KVStore
+
+    stores = {}
+    for path in manifests:
+        name = KVStore(path).manifest["teacher"]["name"]
+        if name in projectors:
+            trained = train_info["teachers"][name]["identity"]["teacher"]
+            stores[name] = KVStore(path, expect={"teacher": name,
+                                                 "weights_sha256": trained["weights_sha256"],
+                                                 "key_space": train_info["key_space"]})
+    missing = [name for name in projectors if name not in stores]
+    if missing:
+        raise KavaError(f"no test-split KV manifest of teacher {missing[0]} among {list(manifests)}"
+                        f" (the student's projectors need {', '.join(projectors)})")
+    device = next(student.parameters()).device
+    projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
+    return kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size,
+                     key_space=train_info["key_space"],
+                     time_alignment=train_info["config"]["time_alignment"])
+
+
 def prediction_lines(record, questions):
     """One dict per example for predictions.jsonl, in the record's order, for a person to read:
     id, question, the generated text, the answer extracted from it, the reference, whether

@@ -1,11 +1,16 @@
 """The Snakemake layer: config validation, profiles, and the smoke pipeline end to end."""
 
+import base64
+import html as html_lib
 import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import PROJECT
@@ -71,31 +76,124 @@ def test_slurm_dry_run_maps_gpu_rules_to_gpus(tmp_path):
         elif line.strip().startswith("resources:") and rule:
             jobs.setdefault(rule, set()).add(line)
     assert all("gpu=1" in res for res in jobs["dims"]) and all("gpu=1" in r for r in jobs["probe"])
-    assert not any("gpu=" in res for res in jobs["materialize"])
+    assert not any("gpu=" in res for res in jobs["materialize"]) and not any("gpu=" in r for r in jobs["report"])
+    assert all("gpu=1" in res for res in jobs["evaluate"])
     assert all("slurm_account=acct" in res and "slurm_partition=gpu" in res
                for lines in jobs.values() for res in lines)
 
 
-def test_smoke_pipeline_runs_and_reruns_one_stage(tmp_path):
-    # --nolock: outputs go to tmp_path, so this cannot collide with a user's run in the tree.
-    env = {"KAVA_OUTPUT_PATH": str(tmp_path)}
+def test_study_config_plans_three_seeds_on_a_data_path(tmp_path):
+    result = snakemake("-n", "--profile", "profiles/local", "--configfile", "config/study.yaml",
+                       "--nolock", env={"KAVA_DATA_PATH": str(tmp_path / "gsm8k"),
+                                        "KAVA_OUTPUT_PATH": str(tmp_path / "out")})
+    assert result.returncode == 0, result.output[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, re.M))
+    # 2 arms x 3 seeds trained; init, 2 teachers and the 6 trained students evaluated.
+    assert counts["train"] == "6" and counts["evaluate"] == "9" and counts["report"] == "1"
+    assert f"--env-data-path={tmp_path / 'gsm8k'}" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The whole smoke pipeline, run once for the tests below: {results, env}."""
+    # --nolock: outputs go to a temporary folder, so this cannot collide with a user's run.
+    env = {"KAVA_OUTPUT_PATH": str(tmp_path_factory.mktemp("out"))}
     first = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
                       "--nolock", env=env)
     assert first.returncode == 0, first.output[-3000:]
-    results = tmp_path / "smoke"
+    return {"results": Path(env["KAVA_OUTPUT_PATH"]) / "smoke", "env": env}
+
+
+def test_smoke_pipeline_outputs(smoke):
+    results = smoke["results"]
     env_json = json.loads((results / "env.json").read_text())
     assert env_json["paths"]["results"] == str(results)
     dims = json.loads((results / "dims" / "teacher_gemma.json").read_text())
     assert dims["num_sliding_layers"] == 3
-    for rule in ("materialize", "dims", "probe"):
+    for rule in ("materialize", "dims", "probe", "evaluate", "report"):
         assert list((results / "benchmarks" / rule).glob("*.tsv")), rule
         assert list((results / "logs" / rule).glob("*.log")), rule
 
-    before = (results / "dims" / "student.json").stat().st_mtime_ns
-    untouched = (results / "dims" / "teacher_llama.json").stat().st_mtime_ns
+
+def _text(html):
+    """Visible text of the HTML (tags dropped, entities decoded, whitespace folded)."""
+    return html_lib.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+
+
+EVALUATED = ["init", "teacher-teacher_llama", "teacher-teacher_gemma", "ce-seed0", "kv-seed0"]
+
+
+def test_smoke_report_shows_every_section_from_the_run(smoke):
+    results = smoke["results"]
+    html = (results / "report.html").read_text()
+    text = _text(html)
+    markdown = (results / "report.md").read_text()
+    for heading in ("Summary", "A/B", "Plots", "Run facts"):
+        assert f"<h2>{heading}</h2>" in html and f"## {heading}" in markdown
+    # Summary: every evaluated model, with the accuracy it has in its own evaluation.
+    for label, name in (("init", "init"), ("teacher: teacher_llama", "teacher-teacher_llama"),
+                        ("teacher: teacher_gemma", "teacher-teacher_gemma"), ("ce", "ce-seed0"),
+                        ("kv", "kv-seed0")):
+        record = json.loads((results / "eval" / f"{name}.json").read_text())
+        assert f"{label} 1 6 {100 * record['accuracy']:.1f}" in text
+    # A/B: kv − ce as computed from the two evaluations, with its CI and an honest sentence.
+    kv, ce = (json.loads((results / "eval" / f"{arm}-seed0.json").read_text()) for arm in ("kv", "ce"))
+    summary = json.loads((results / "eval" / "summary.json").read_text())
+    assert summary["ab"]["nll"]["diff"] == pytest.approx(kv["nll"] - ce["nll"])
+    lo, hi = summary["ab"]["nll"]["ci"]
+    assert f"{summary['ab']['nll']['diff']:+.4g} nats/token" in text
+    assert f"[{lo:+.4g}, {hi:+.4g}]" in text and "answer NLL: kv − ce" in text
+    assert re.search(r"accuracy: kv − ce = .*not significant at 95 %", text)
+    # Plots: bars, training curves, held-out cosine heatmap, inline and as files.
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert sorted(p.name for p in (results / "figures").glob("*.png")) == [
+        "accuracy_nll.png", "heldout_kv_cosine.png", "training_curves.png"]
+    # Run facts: data source and hash, KV storage per teacher, every rule's benchmark.
+    data = json.loads((results / "data" / "data.json").read_text())
+    assert f"splits.test.sha256 {data['splits']['test']['sha256']}" in text
+    assert "source synthetic" in text
+    manifest = json.loads((results / "kv" / "teacher_gemma" / "test" / "manifest.json").read_text())
+    assert f"teacher_gemma {manifest['dtype']} {manifest['key_space']}" in text
+    for job in ("materialize/student", "precompute/teacher_llama-test-00000", "train/kv-seed0",
+                "evaluate/init", "evaluate/kv-seed0"):
+        assert re.search(rf"{re.escape(job)} \d+\.\d \d+", text), job
+    assert "max_new_tokens 16" in text and "Model dimensions" in text
+
+
+def test_smoke_summary_and_predictions(smoke):
+    results = smoke["results"]
+    summary = json.loads((results / "eval" / "summary.json").read_text())
+    for metric in ("nll", "accuracy"):
+        ab = summary["ab"][metric]
+        assert ab["ci"][0] <= ab["diff"] <= ab["ci"][1]
+    assert set(summary["heldout_cos"]) == set(summary["gap_recovered"]) == {"ce", "kv"}
+    assert all(-1 <= summary["heldout_cos"][arm] <= 1 for arm in ("ce", "kv"))
+    for name in EVALUATED:
+        lines = (results / "eval" / name / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == 6 and {"question", "generated", "extracted", "reference",
+                                    "correct"} <= set(json.loads(lines[0]))
+
+
+def test_snakemake_report_includes_the_marked_outputs(smoke, tmp_path):
+    archive = tmp_path / "snakemake-report.zip"
+    result = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
+                       "--nolock", "--report", str(archive), env=smoke["env"])
+    assert result.returncode == 0, result.output[-3000:]
+    names = {Path(name).name for name in zipfile.ZipFile(archive).namelist()}
+    assert {"report.html", "summary.json", "predictions.jsonl", "accuracy_nll.png",
+            "training_curves.png", "heldout_kv_cosine.png"} <= names
+
+
+def test_smoke_reruns_one_stage_alone(smoke):
+    results, env = smoke["results"], smoke["env"]
+    forced = results / "eval" / "init.json"
+    before = forced.stat().st_mtime_ns
+    untouched = [results / "eval" / "kv-seed0.json", results / "dims" / "student.json"]
+    stamps = [path.stat().st_mtime_ns for path in untouched]
     again = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
-                      "--nolock", "--forcerun", f"{results}/dims/student.json", env=env)
+                      "--nolock", "--forcerun", str(forced), env=env)
     assert again.returncode == 0, again.output[-3000:]
-    assert (results / "dims" / "student.json").stat().st_mtime_ns > before
-    assert (results / "dims" / "teacher_llama.json").stat().st_mtime_ns == untouched
+    assert forced.stat().st_mtime_ns > before
+    assert [path.stat().st_mtime_ns for path in untouched] == stamps
     assert not [p for p in Path(results).rglob(".*.tmp-*")]

@@ -1,0 +1,71 @@
+import shlex
+
+# Every evaluated model, by the name its files take under eval/: the student before training
+# (init), each teacher (teacher-<name>, with eval.teachers), and each arm x seed (<arm>-seed<k>).
+EVAL = f"{RESULTS}/eval"
+TEST_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/test/manifest.json", teacher=config["teachers"])
+# The eval keys a job reads; eval.teachers only decides which jobs exist.
+EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop"]
+
+
+def evaluated_models():
+    """{name: the evaluate job's inputs besides the test data}."""
+    named = [("init", {"card": card(config["student"])})]
+    if config["eval"]["teachers"]:
+        named += [(f"teacher-{t}", {"card": card(t)}) for t in config["teachers"]]
+    for arm in ARMS:
+        for seed in SEEDS:
+            run = f"{RESULTS}/train/{arm}/seed{seed}"
+            named.append((f"{arm}-seed{seed}", {
+                "model_dir": f"{run}/student", "projector": f"{run}/projector.safetensors",
+                "train_info": f"{run}/train.json", "manifests": TEST_MANIFESTS}))
+    names = [name for name, _ in named]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise WorkflowError(f"kava: error: evaluated models clash on the name(s) {clashes} "
+                            f"(init, teacher-<teacher>, <arm>-seed<k>); rename a teacher or arm")
+    return dict(named)
+
+
+EVALUATED = evaluated_models()
+
+
+wildcard_constraints:
+    evaluated="|".join(map(re.escape, EVALUATED)),
+
+
+def model_args(wildcards, input):
+    """--card for init and teachers; a trained student's folder, projectors, train.json and the
+    teachers' test-split manifests for an arm."""
+    if input.get("card"):
+        return f"--card {shlex.quote(input.card)}"
+    return (f"--model-dir {shlex.quote(input.model_dir)} --projector {shlex.quote(input.projector)} "
+            f"--train-info {shlex.quote(input.train_info)} --manifests {shlex.join(input.manifests)}")
+
+
+rule evaluate:
+    """One model on the test split: greedy GSM8K accuracy, teacher-forced answer NLL, and for a
+    trained student the held-out KV cosine against the teachers' test-split KV."""
+    input:
+        unpack(lambda w: EVALUATED[w.evaluated]),
+        data=f"{RESULTS}/data/test.parquet",
+    output:
+        record=f"{EVAL}/{{evaluated}}.json",
+        predictions=report(f"{EVAL}/{{evaluated}}/predictions.jsonl",
+                           caption="../report/predictions.rst", category="Predictions",
+                           labels={"model": "{evaluated}"}),
+    params:
+        eval=as_json({key: config["eval"][key] for key in EVAL_KEYS}),
+        max_length=config["data"]["max_length"],
+        model=model_args,
+    log:
+        log_path("evaluate", "{evaluated}"),
+    benchmark:
+        benchmark_path("evaluate", "{evaluated}")
+    threads: config["threads"]
+    conda:
+        "../../envs/kava.yaml"
+    shell:
+        "python -m stages.evaluate --threads {threads} --name {wildcards.evaluated} {params.model} "
+        "--data {input.data:q} --eval {params.eval:q} --max-length {params.max_length} "
+        "--out {output.record:q} --predictions {output.predictions:q} > {log:q} 2>&1"

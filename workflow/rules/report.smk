@@ -1,0 +1,49 @@
+# The run's report: report.html + report.md, eval/summary.json, and the plots as PNG files for
+# Snakemake's own report (`snakemake --report report.html`).
+TRAIN_RUNS = {arm: {seed: f"{RESULTS}/train/{arm}/seed{seed}" for seed in SEEDS} for arm in ARMS}
+EVAL_FILES = {
+    "init": f"{EVAL}/init.json",
+    "teachers": {t: f"{EVAL}/teacher-{t}.json" for t in config["teachers"]
+                 if f"teacher-{t}" in EVALUATED},
+    "arms": {arm: {seed: f"{EVAL}/{arm}-seed{seed}.json" for seed in SEEDS} for arm in ARMS},
+}
+
+
+rule report:
+    """Every evaluation, training log, KV manifest, dims file and benchmark of the run → the
+    summary table, the kv − ce A/B with paired bootstrap CIs, plots and the run's facts."""
+    input:
+        evals=expand(f"{EVAL}/{{evaluated}}.json", evaluated=EVALUATED),
+        metrics=[f"{run}/metrics.jsonl" for runs in TRAIN_RUNS.values() for run in runs.values()],
+        env=f"{RESULTS}/env.json",
+        dims=expand(f"{RESULTS}/dims/{{model}}.json", model=KV_MODELS),
+        data_info=f"{RESULTS}/data/data.json",
+        manifests=expand(f"{RESULTS}/kv/{{teacher}}/{{split}}/manifest.json",
+                         teacher=config["teachers"], split=SPLITS),
+    output:
+        html=report(f"{RESULTS}/report.html", caption="../report/report.rst", category="Report"),
+        markdown=f"{RESULTS}/report.md",
+        summary=report(f"{EVAL}/summary.json", caption="../report/summary.rst", category="Report"),
+        figures=report(directory(f"{RESULTS}/figures"), patterns=["{figure}.png"],
+                       caption="../report/figures.rst", category="Figures"),
+    params:
+        evals=as_json(EVAL_FILES),
+        metrics=as_json({arm: {seed: f"{run}/metrics.jsonl" for seed, run in runs.items()}
+                         for arm, runs in TRAIN_RUNS.items()}),
+        report=as_json(config["report"]),
+        benchmarks=f"{RESULTS}/benchmarks",
+        title=f"kava report: run {config['run']}",
+    log:
+        log_path("report", "report"),
+    benchmark:
+        benchmark_path("report", "report")
+    threads: 1
+    conda:
+        "../../envs/kava.yaml"
+    shell:
+        "python -m stages.report --threads {threads} --evals {params.evals:q} "
+        "--metrics {params.metrics:q} --env {input.env:q} --dims {input.dims:q} "
+        "--data-info {input.data_info:q} --manifests {input.manifests:q} "
+        "--benchmarks-dir {params.benchmarks:q} --report {params.report:q} "
+        "--title {params.title:q} --html {output.html:q} --markdown {output.markdown:q} "
+        "--summary {output.summary:q} --figures {output.figures:q} > {log:q} 2>&1"
