@@ -346,7 +346,10 @@ def _curve_panels(metrics):
             keys = sorted({k for step in steps for k in step})
             series = [("CE loss", "ce", "ce")]
             for panel, prefix in (("KV loss", "kv/"), ("KV cosine (train)", "cos/")):
-                series += [(panel, k, k.removeprefix(prefix)) for k in keys if k.startswith(prefix)]
+                # `cos/<teacher>` only: training also logs `cos/<teacher>/<layer>`, which would
+                # bury the per-teacher curves under one line per layer.
+                series += [(panel, k, k.removeprefix(prefix)) for k in keys
+                           if k.startswith(prefix) and "/" not in k.removeprefix(prefix)]
             for panel, key, name in series:
                 points = [(s["step"], s[key]) for s in steps if s.get(key) is not None]
                 if points:

@@ -11,8 +11,8 @@ import pytest
 
 from kava.errors import KavaError
 from kava.evaluate import eval_record
-from kava.report import (build_summary, describe_difference, load_evals, load_facts, load_metrics,
-                         read_benchmark, render_report)
+from kava.report import (_curve_panels, build_summary, describe_difference, load_evals, load_facts,
+                         load_metrics, read_benchmark, render_report)
 
 N = 120
 TEACHERS = ["llama", "gemma"]
@@ -58,6 +58,7 @@ def _metrics(seeds, arms=("kv", "ce")):
                 if arm == "kv":
                     row.update({f"kv/{t}": 1 / step for t in TEACHERS})
                     row.update({f"cos/{t}": 1 - 1 / step for t in TEACHERS})
+                    row.update({f"cos/{t}/{layer}": 0.5 for t in TEACHERS for layer in range(3)})
                 steps.append(row)
             runs[arm][seed] = steps
     return runs
@@ -292,3 +293,10 @@ def test_load_evals_rejects_empty_and_unreadable_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(KavaError, match="bad.json: unreadable"):
         load_evals({"init": tmp_path / "bad.json", "teachers": {}, "arms": {}})
+
+
+def test_training_curves_plot_one_line_per_arm_seed_and_teacher():
+    panels = _curve_panels(_metrics([0, 1]))
+    assert {(arm, seed, name) for arm, seed, name, *_ in panels["KV cosine (train)"]} == {
+        ("kv", seed, t) for seed in (0, 1) for t in TEACHERS}  # no per-layer lines
+    assert len(panels["CE loss"]) == 4 and len(panels["KV loss"]) == 4
