@@ -9,7 +9,7 @@ Ratios are stored K/V bytes / raw fp32 bytes (goals: bf16 <= 0.5, fp8 <= 0.25). 
 1 - cosine similarity between each dequantised K or V vector (one token, one head) and the
 fp32 one, averaged over vectors, layers, K and V (goal <= 1e-3); `max_` keys give the worst.
 
-    python -m bench.storage [--tiny | --card CARD ...] [--examples 16]
+    python -m bench.storage [--tiny | --card CARD ...] [--examples 8]
 """
 
 import tempfile
@@ -48,7 +48,9 @@ def fp8_errors(fp8, exact):
 
 
 def main():
-    args = parser(__doc__).parse_args()
+    cli = parser(__doc__)
+    cli.set_defaults(examples=8)  # four fp32-compute passes per teacher: keep each short
+    args = cli.parse_args()
     rows, source = bench_rows(args.examples)
     figures = {"bench": "storage", "machine": machine(args.threads), "data": source,
                "examples": len(rows), "teachers": {}}
