@@ -160,6 +160,18 @@ def test_too_long_examples_are_truncated_or_skipped_and_counted(tiny_card, tmp_p
         build_store(card, rows, tmp_path / "none", max_length=8, on_too_long="skip")
 
 
+def test_nf4_teacher_goes_through_the_same_path(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    rows = synthetic_rows(2)
+    exact = KVStore(build_store(card, rows, tmp_path / "fp", dtype="fp32"))
+    quantized = KVStore(build_store({**card, "quantize": "nf4"}, rows, tmp_path / "nf4", dtype="fp32"))
+    assert quantized.ids == exact.ids and quantized.layers == exact.layers
+    for layer in exact.layers:
+        got, want = quantized.example(0)["k"][layer], exact.example(0)["k"][layer]
+        assert not torch.equal(got, want)  # 4-bit weights really were used
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
+
+
 def test_layer_selection():
     assert select_layers("all", 4) == [0, 1, 2, 3]
     assert select_layers("mapped", 30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
