@@ -229,7 +229,8 @@ class KVStore:
     def _verify_and_open(self, entry):
         path = (self.path.parent / entry["path"]).resolve()
         if not path.is_file():
-            raise KavaError(f"shard {path}: missing (listed in {self.path})")
+            raise KavaError(f"shard {path}: missing (listed in {self.path}); recompute that "
+                            f"shard alone by building its path")
         if (str(path), entry["sha256"]) not in _VERIFIED:
             size = path.stat().st_size
             if size != entry["bytes"]:
