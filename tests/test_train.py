@@ -325,6 +325,23 @@ def test_ce_arm_trains_its_projectors_without_touching_the_student(world, tmp_pa
     assert unfitted[-1]["grad_norm_projector"] == 0
 
 
+def test_other_arm_settings_train(world, tmp_path):
+    """mlp projectors, std-normalised mse, learned teacher weights with an entropy term."""
+    cfg = train_config(steps=3, effective_batch=4, micro_batch=4, projector="mlp",
+                       projector_hidden=16, kv_loss="mse", kv_std_norm=True,
+                       teacher_weighting="learned", teacher_entropy_weight=0.1,
+                       teacher_weights={t["card"]["name"]: w for t, w in zip(world["teachers"], (1, 3))})
+    out = run(world, tmp_path, cfg)
+    lines = metrics(out["metrics"])
+    names = [t["card"]["name"] for t in world["teachers"]]
+    assert lines[0][f"w/{names[0]}"] == pytest.approx(0.25)
+    assert lines[-1][f"w/{names[0]}"] + lines[-1][f"w/{names[1]}"] == pytest.approx(1)
+    assert lines[-1][f"w/{names[0]}"] != lines[0][f"w/{names[0]}"]
+    assert load_projectors(out["projector"])[names[0]].kind == "mlp"
+    weights = json.loads(out["summary"].read_text())["teachers"]
+    assert [len(weights[name]["weights"]) for name in names] == [4, 4]
+
+
 def test_kv_cosine_of_a_trained_student(world, reference):
     _, out = reference
     student = AutoModelForCausalLM.from_pretrained(out["student"])
@@ -382,7 +399,7 @@ def wait_for(predicate, process, timeout=120):
 
 def long_config():
     # Enough steps that the run is still going when the test stops it.
-    return train_config(steps=120, effective_batch=4, micro_batch=2, checkpoint_every=4,
+    return train_config(steps=60, effective_batch=4, micro_batch=2, checkpoint_every=4,
                         lr=3e-3, projector_lr=1e-2, warmup_ratio=0.0)
 
 
@@ -546,3 +563,45 @@ def test_arm_overrides_and_run_wide_keys():
     config["train"]["arms"]["kv"] = {"seeds": [1]}
     with pytest.raises(KavaError, match=r"train.arms.kv.seeds cannot be set per arm"):
         arm_configs(config)
+
+
+# ---- the rule ---------------------------------------------------------------------------------
+
+def smoke_dry_run(tmp_path, mutate=None, *extra):
+    config = yaml.safe_load((PROJECT / "config" / "smoke.yaml").read_text())
+    if mutate:
+        mutate(config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [shutil.which("snakemake", path=os.path.dirname(sys.executable)), "-n", "-p",
+         "--profile", "profiles/local", "--configfile", str(path), *extra],
+        cwd=PROJECT, capture_output=True, text=True,
+        env={**os.environ, "KAVA_OUTPUT_PATH": str(tmp_path / "out")})
+
+
+def test_an_arm_with_an_unknown_key_is_named(tmp_path):
+    def bad(config):
+        config["train"]["arms"] = {"ce": {"kv_weight": 0}, "kv": {"kv_wieght": 2}}
+
+    result = smoke_dry_run(tmp_path, bad)
+    assert result.returncode != 0
+    assert "config train.arms.kv" in result.stdout + result.stderr
+    assert "'kv_wieght' was unexpected" in result.stdout + result.stderr
+
+
+def test_a_job_given_two_gpus_runs_under_torchrun(tmp_path):
+    def three_arms(config):
+        config["train"]["arms"] = {"ce": {"kv_weight": 0}, "kv": {}, "mse": {"kv_loss": "mse"}}
+
+    # A two-GPU machine: the local profile's one GPU raised to two, as its comment says.
+    result = smoke_dry_run(tmp_path, three_arms, "--resources", "gpu=2",
+                           "--set-resources", "train:gpu=2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    commands = [line for line in result.stdout.splitlines() if "stages.train" in line]
+    assert len(commands) == 3
+    assert all("torchrun --standalone --nproc_per_node 2 -m stages.train" in line
+               for line in commands)
+    single = smoke_dry_run(tmp_path, three_arms)
+    commands = [line for line in single.stdout.splitlines() if "stages.train" in line]
+    assert len(commands) == 3 and all("python -m stages.train" in line for line in commands)
