@@ -65,6 +65,8 @@ def student_forward(model, batch, key_space="pre_rope", ce_items=None):
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if ce_items is not None:
         kwargs.update(labels=batch.labels, num_items_in_batch=max(int(ce_items), 1))
+    else:
+        kwargs["logits_to_keep"] = 1  # no CE: skip the LM head over the whole sequence
     if key_space == "pre_rope":
         with pre_rope_hooks(model, layers) as captured:
             outputs = model(**kwargs, use_cache=False)
