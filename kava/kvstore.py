@@ -83,17 +83,22 @@ class ShardWriter:
             spans[name], start = (start, end), end
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
+        prefix = len(encoded).to_bytes(8, "little") + encoded
         with open(path, "wb") as handle:
-            handle.write(len(encoded).to_bytes(8, "little") + encoded)
-            handle.truncate(8 + len(encoded) + start)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r+", offset=8 + len(encoded),
-                              shape=(start,))
+            handle.write(prefix)
+            handle.truncate(len(prefix) + start)
+        self._digest = hashlib.sha256(prefix)
+        self._map = np.memmap(path, dtype=np.uint8, mode="r+", offset=len(prefix), shape=(start,))
         self.tensors = {name: torch.from_numpy(self._map[a:b]).view(layout[name][0])
                         .view(layout[name][1]) for name, (a, b) in spans.items()}
 
     def close(self):
-        self._map.flush()
+        """Unmap the file; return its sha256, hashed from the mapping rather than read back.
+        No msync: the kernel writes the pages back whatever happens to this process, and the
+        rename that publishes the shard comes after."""
+        self._digest.update(self._map)
         self.tensors = self._map = None
+        return self._digest.hexdigest()
 
 
 def sha256_file(path):

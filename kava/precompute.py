@@ -180,12 +180,11 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     layout = shard_layout(len(kept), offsets[-1], layers, kv_shape, dtype)
     writer = ShardWriter(path, layout, metadata)
+    writer.tensors["offsets"].copy_(torch.tensor(offsets))
+    for index, (_, token_ids, spans) in enumerate(kept):
+        writer.tensors["input_ids"][offsets[index]:offsets[index + 1]] = torch.tensor(token_ids)
+        writer.tensors["char_spans"][offsets[index]:offsets[index + 1]] = torch.tensor(spans)
     with ExitStack() as stack:
-        stack.callback(writer.close)
-        writer.tensors["offsets"].copy_(torch.tensor(offsets))
-        for index, (_, token_ids, spans) in enumerate(kept):
-            writer.tensors["input_ids"][offsets[index]:offsets[index + 1]] = torch.tensor(token_ids)
-            writer.tensors["char_spans"][offsets[index]:offsets[index + 1]] = torch.tensor(spans)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         pending = deque()
         bar = stack.enter_context(tqdm(total=offsets[-1], desc=progress_label, unit="tok"))
@@ -201,9 +200,10 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
             bar.update(sum(lengths[i] for i in batch))
         for future in pending:
             future.result()
+    sha256 = writer.close()
     return {**record, "examples": len(kept), "tokens": offsets[-1], "ids": ids,
             "truncated": truncated, "skipped": skipped, "bytes": Path(path).stat().st_size,
-            "sha256": sha256_file(path)}
+            "sha256": sha256}
 
 
 def precompute_split(card, rows, folder, *, examples_per_shard, compute="fp32", layers=None,
