@@ -387,7 +387,7 @@ def plot_cosine_heatmap(evals):
     for arm, runs in evals["arms"].items():
         recs = [rec for rec in runs.values() if rec["kv_cosine"] is not None]
         if recs:
-            teachers = sorted(recs[0]["kv_cosine"]["per_layer"])
+            teachers = list(recs[0]["kv_cosine"]["per_layer"])  # the config's teacher order
             maps[arm] = (teachers, np.mean([[r["kv_cosine"]["per_layer"][t] for t in teachers]
                                             for r in recs], axis=0).T)
     if not maps:
