@@ -68,6 +68,22 @@ def test_evaluate_stage_on_a_split_smaller_than_the_batch(tiny_card, tmp_path):
     assert all(line["answer_nll"] > 0 for line in lines)
 
 
+def test_a_4bit_teacher_evaluates_through_its_card(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    write_split(prepared_rows(2), tmp_path / "test.parquet")
+    nll = {}
+    for quantize in ("none", "nf4"):
+        (tmp_path / f"{quantize}.json").write_text(json.dumps({**card, "quantize": quantize}))
+        result, out = evaluate(tmp_path / quantize, ["--card", tmp_path / f"{quantize}.json"],
+                               tmp_path / "test.parquet")
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((out / "m.json").read_text())
+        assert record["model"]["quantize"] == quantize
+        nll[quantize] = record["per_example"]["nll"]
+    assert nll["nf4"] != nll["none"]  # the 4-bit weights really were used
+    assert nll["nf4"] == pytest.approx(nll["none"], rel=0.05)
+
+
 def test_model_folder_without_tokenizer_is_one_line_error(tiny_card, tmp_path):
     card = tiny_card("llama")
     folder = tmp_path / "student"
