@@ -15,8 +15,15 @@ def atomic_path(final, is_dir=False):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent)) if is_dir else Path(
-        tempfile.mkstemp(prefix=prefix, dir=final.parent)[1])
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(handle)
+        tmp = Path(name)
+    # mkstemp/mkdtemp make private (0600/0700) entries; results are shared with a group on a
+    # cluster, so give them the permissions an ordinary open() would.
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
     try:
         yield tmp
         if is_dir and final.exists():
@@ -28,6 +35,12 @@ def atomic_path(final, is_dir=False):
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temps(final):
