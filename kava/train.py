@@ -348,7 +348,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
 
     progress = tqdm(total=cfg["steps"], initial=step, desc=f"train {arm} seed{seed}",
                     unit="step", disable=rank != 0)
-    with StopSignals() as stop:
+    with progress, StopSignals() as stop:
         while step < cfg["steps"]:
             step += 1
             step_start = time.perf_counter()
@@ -421,7 +421,6 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
                 raise Interrupted(f"arm {arm} seed {seed}: stopped by {stop.received or 'a peer'}"
                                   f" at step {step}; checkpoint saved in {checkpoint_dir}; rerun "
                                   f"to resume")
-    progress.close()
 
     summary = None
     if rank == 0:
