@@ -30,6 +30,22 @@ def ratio_layer_map(n_student, n_teacher):
     return [(2 * i * span_t + span_s) // (2 * span_s) for i in range(n_student)]
 
 
+def pruned_from(card):
+    """(base model name, keep_layers) of a depth-pruned (`derive`) model's card, else None."""
+    derive = card["source"].get("derive")
+    return (derive["base"], list(derive["keep_layers"])) if derive else None
+
+
+def auto_layer_map(n_student, n_teacher, teacher, pruned=None):
+    """(layer map, why it was chosen). A student pruned from this very teacher (`pruned`, from
+    pruned_from) holds the teacher's layers `keep_layers` in the teacher's own coordinates, so
+    each student layer maps to the layer it was copied from; a ratio map would score most of
+    them against a neighbouring layer whose K/V live in other coordinates. Otherwise ratio."""
+    if pruned is not None and pruned[0] == teacher:
+        return list(pruned[1]), f"the student is {teacher} pruned to layers {pruned[1]}"
+    return ratio_layer_map(n_student, n_teacher), "ratio: the student is not pruned from it"
+
+
 def explicit_layer_map(mapping, n_student, n_teacher, teacher_name):
     """Check a user-given map (one teacher layer per student layer) against both models."""
     mapping = list(mapping)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kava.align import ratio_layer_map
+from kava.align import auto_layer_map, pruned_from
 from kava.capture import attention_shape, decoder_layers, forward_kv
 from kava.data import rows_sha256
 from kava.environment import detect_device, detect_precision
@@ -49,13 +49,15 @@ def compute_dtype(name):
     return name, COMPUTE_DTYPES[name]
 
 
-def select_layers(spec, n_teacher, n_student=None, teacher="teacher"):
-    """Sorted teacher layer indices to store. `mapped`: the layers of the ratio layer map
-    (kava.align.ratio_layer_map) from the student's depth onto the teacher's."""
+def select_layers(spec, n_teacher, student_card=None, teacher="teacher"):
+    """Sorted teacher layer indices to store. `mapped`: the layers of the auto layer map
+    (kava.align.auto_layer_map) from the student onto this teacher."""
     if spec == "all":
         return list(range(n_teacher))
     if spec == "mapped":
-        return sorted(set(ratio_layer_map(n_student, n_teacher)))
+        mapping, _ = auto_layer_map(student_card["num_layers"], n_teacher, teacher,
+                                    pruned_from(student_card))
+        return sorted(set(mapping))
     bad = [layer for layer in spec if not 0 <= layer < n_teacher]
     if bad:
         raise KavaError(f"precompute.layers {bad} out of range for teacher {teacher} "

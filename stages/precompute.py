@@ -13,9 +13,9 @@ def main(args):
     cfg, card = args.precompute, read_json(args.card)
     per_shard = cfg["examples_per_shard"]
     rows = read_split(args.data, ("id", "text"), args.shard * per_shard, (args.shard + 1) * per_shard)
-    n_student = read_json(args.student_dims)["num_layers"] if args.student_dims else None
-    layers = select_layers(cfg["layers"], read_json(args.teacher_dims)["num_layers"], n_student,
-                           card["name"])
+    student_card = read_json(args.student_card) if args.student_card else None
+    layers = select_layers(cfg["layers"], read_json(args.teacher_dims)["num_layers"],
+                           student_card, card["name"])
     dtype_name, dtype = compute_dtype(cfg["compute_dtype"])
     model = load_model(card, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(card["dir"])
@@ -44,7 +44,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--on-too-long", choices=("truncate", "skip"), required=True)
     parser.add_argument("--teacher-dims", required=True)
-    parser.add_argument("--student-dims", help="for precompute.layers: mapped")
+    parser.add_argument("--student-card", help="for precompute.layers: mapped")
     parser.add_argument("--shard-out", required=True)
     parser.add_argument("--info", required=True, help="the shard's JSON sidecar")
     run_stage(main, parser)

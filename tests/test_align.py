@@ -3,12 +3,22 @@ import math
 import pytest
 import torch
 
-from kava.align import (cka_layer_map, explicit_layer_map, interpolate_alignment, linear_cka,
-                        ratio_layer_map, span_alignment)
+from kava.align import (auto_layer_map, cka_layer_map, explicit_layer_map, interpolate_alignment,
+                        linear_cka, pruned_from, ratio_layer_map, span_alignment)
 from kava.errors import KavaError
 
 
 # ---- layer maps -------------------------------------------------------------------------------
+
+def test_auto_layer_map_follows_the_pruned_students_kept_layers():
+    card = {"source": {"derive": {"base": "smollm2", "keep_layers": [0, 3, 6, 9, 29]}}}
+    assert pruned_from(card) == ("smollm2", [0, 3, 6, 9, 29])
+    mapping, why = auto_layer_map(5, 30, "smollm2", pruned_from(card))
+    assert mapping == [0, 3, 6, 9, 29] and "pruned" in why
+    mapping, why = auto_layer_map(5, 18, "gemma3", pruned_from(card))
+    assert mapping == ratio_layer_map(5, 18) and why.startswith("ratio")
+    assert pruned_from({"source": {"gguf": {}}}) is None
+
 
 def test_ratio_map_18_to_20_spreads_evenly():
     layer_map = ratio_layer_map(18, 20)

@@ -174,8 +174,11 @@ def test_nf4_teacher_goes_through_the_same_path(tiny_card, tmp_path):
 
 def test_layer_selection():
     assert select_layers("all", 4) == [0, 1, 2, 3]
-    assert select_layers("mapped", 30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    assert select_layers("mapped", 18, 10) == sorted(set(select_layers("mapped", 18, 10)))
+    pruned = {"num_layers": 10, "source": {"derive": {
+        "base": "smollm2", "keep_layers": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]}}}
+    # The teacher the student was pruned from: the layers it kept; any other: the ratio map.
+    assert select_layers("mapped", 30, pruned, "smollm2") == [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
+    assert select_layers("mapped", 30, pruned, "other") == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     assert select_layers([5, 1, 5], 6) == [1, 5]
     with pytest.raises(KavaError, match=r"precompute.layers \[6\] out of range for teacher t"):
         select_layers([1, 6], 6, teacher="t")
@@ -183,7 +186,7 @@ def test_layer_selection():
 
 def test_mapped_layers_store_only_those(tiny_card, tmp_path):
     card = tiny_card("qwen3")
-    layers = select_layers("mapped", card["num_layers"], 3)
+    layers = select_layers("mapped", card["num_layers"], {"num_layers": 3, "source": {"random": {}}})
     store = KVStore(build_store(card, synthetic_rows(2), tmp_path, layers=layers))
     assert store.layers == layers == [0, 2, 3]
     assert set(store.example(0)["k"]) == {0, 2, 3}

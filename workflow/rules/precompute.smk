@@ -10,10 +10,11 @@ wildcard_constraints:
     shard=r"\d{5}",
 
 
-def student_dims(wildcards):
-    """The student's depth matters only to precompute.layers: mapped; depending on it otherwise
-    would redo every teacher's KV whenever the student changes."""
-    return [f"{RESULTS}/dims/{config['student']}.json"] if config["precompute"]["layers"] == "mapped" else []
+def student_card(wildcards):
+    """The student (its depth, and the teacher layers a pruned one keeps) matters only to
+    precompute.layers: mapped; depending on it otherwise would redo every teacher's KV whenever
+    the student changes."""
+    return [card(config["student"])] if config["precompute"]["layers"] == "mapped" else []
 
 
 def shard_ids(wildcards):
@@ -30,7 +31,7 @@ rule precompute:
         card=card("{teacher}"),
         data=f"{RESULTS}/data/{{split}}.parquet",
         teacher_dims=f"{RESULTS}/dims/{{teacher}}.json",
-        student_dims=student_dims,
+        student_card=student_card,
     output:
         shard=SHARD_FILE,
         info=SHARD_INFO,
@@ -38,7 +39,7 @@ rule precompute:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
         on_too_long=config["data"]["on_too_long"],
-        student_dims=lambda w, input: f"--student-dims {input.student_dims}" if input.student_dims else "",
+        student_card=lambda w, input: f"--student-card {input.student_card}" if input.student_card else "",
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:
@@ -51,7 +52,7 @@ rule precompute:
         "--data {input.data:q} --split {wildcards.split} --shard {wildcards.shard} "
         "--precompute {params.precompute:q} --max-length {params.max_length} "
         "--on-too-long {params.on_too_long} --teacher-dims {input.teacher_dims:q} "
-        "{params.student_dims} --shard-out {output.shard:q} --info {output.info:q} > {log:q} 2>&1"
+        "{params.student_card} --shard-out {output.shard:q} --info {output.info:q} > {log:q} 2>&1"
 
 
 rule kv_manifest:
