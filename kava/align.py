@@ -132,6 +132,35 @@ def span_alignment(student_spans, teacher_spans):
     return weights.float(), total.squeeze(1) > 0
 
 
+def causal_span_alignment(student_spans, teacher_spans):
+    """Like span_alignment, but each student token reads only the teacher token that has seen
+    exactly its text, or less: the last teacher token that ends inside the student token (at or
+    before its end, after its start). Span overlap would also average in a teacher token running
+    past the student token's end, one that has already read characters the student has not.
+    A student token no teacher token ends inside is invalid."""
+    student = torch.as_tensor(student_spans, dtype=torch.long).reshape(-1, 2)
+    teacher = torch.as_tensor(teacher_spans, dtype=torch.long).reshape(-1, 2)
+    inside = ((teacher[None, :, 1] <= student[:, None, 1])
+              & (teacher[None, :, 1] > student[:, None, 0])
+              & (teacher[None, :, 1] > teacher[None, :, 0]))
+    valid = inside.any(dim=1)
+    # The last qualifying teacher token: argmax over position-weighted flags picks the highest.
+    last = (inside * torch.arange(1, len(teacher) + 1)).argmax(dim=1)
+    weights = torch.zeros(len(student), len(teacher))
+    weights[valid, last[valid]] = 1.0
+    return weights, valid
+
+
+def position_alignment(n_student, n_teacher):
+    """Token i reads token i, on the positions both have: the alignment of a control arm whose
+    teacher KV comes from another example, so it keeps the statistics of each position while
+    its content belongs to other text."""
+    n = min(n_student, n_teacher)
+    weights = torch.zeros(n_student, n_teacher)
+    weights[torch.arange(n), torch.arange(n)] = 1.0
+    return weights, torch.arange(n_student) < n
+
+
 def interpolate_alignment(n_student, n_teacher):
     """Align by relative position when character offsets are not available: student token i sits
     at fractional teacher position i*(Tt-1)/(Ts-1) and takes its two neighbours with linear

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kava.align import interpolate_alignment, span_alignment
+from kava.align import (causal_span_alignment, interpolate_alignment, position_alignment,
+                        span_alignment)
 from kava.errors import KavaError
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
-TIME_ALIGNMENTS = ("auto", "interpolate")
+# "position" is not a setting: it is how a kv_shuffled control arm reads another example's KV.
+TIME_ALIGNMENTS = ("auto", "causal", "interpolate", "position")
 
 
 def student_example(tokenizer, row, max_length):
@@ -48,17 +50,23 @@ def student_example(tokenizer, row, max_length):
 
 
 def time_alignment(student, teacher, mode="auto"):
-    """How student tokens read one teacher's stored tokens, for one example.
+    """How student tokens read one teacher's stored tokens, for one example: the identity for the
+    same tokens; else character spans (auto: overlap; causal: only teacher tokens that have not
+    read past the student token), interpolation when the store has no offsets or the config asks
+    for it; position: token i reads token i (a kv_shuffled arm, whose teacher text differs).
 
     Returns (weights `[T_s, T_t]` or None for the identity, valid `[T_s]` bool)."""
     if mode not in TIME_ALIGNMENTS:
         raise KavaError(f"unknown time alignment {mode!r}; choose one of "
                         f"{', '.join(TIME_ALIGNMENTS)}")
     n_student, n_teacher = len(student["input_ids"]), len(teacher["input_ids"])
-    if mode == "auto" and torch.equal(student["input_ids"], teacher["input_ids"].long()):
+    if mode == "position":
+        return position_alignment(n_student, n_teacher)
+    if mode != "interpolate" and torch.equal(student["input_ids"], teacher["input_ids"].long()):
         return None, torch.ones(n_student, dtype=torch.bool)
-    if mode == "auto" and teacher.get("char_spans") is not None:
-        return span_alignment(student["char_spans"], teacher["char_spans"])
+    if mode != "interpolate" and teacher.get("char_spans") is not None:
+        spans = causal_span_alignment if mode == "causal" else span_alignment
+        return spans(student["char_spans"], teacher["char_spans"])
     return interpolate_alignment(n_student, n_teacher)
 
 
@@ -109,10 +117,11 @@ class Batch:
                      self.labels.to(device),
                      {name: targets.to(device) for name, targets in self.teachers.items()})
 
-    @property
-    def ce_tokens(self):
-        """Tokens the causal-LM loss scores: labels are shifted by one inside the model."""
-        return int(self.labels[:, 1:].ne(IGNORE_INDEX).sum())
+
+def pad_id(tokenizer):
+    """The id that fills padded positions: the tokenizer's pad token, else 0 (padded positions
+    are masked everywhere, so any valid id will do)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _pad(rows, value, length):

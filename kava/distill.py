@@ -1,36 +1,42 @@
 """What is trained and how it is scored: the student, one KV projector per teacher, the teacher
 weights, and the loss
 
-    total = ce_weight·CE + kv_weight·Σ_t w_t·KV_t  [− entropy_weight·H(w)]
+    total = ce_weight·CE + kv_weight·Σ_t w_t·KV_t  [− entropy_weight·H(w)] [+ l2_init_weight·‖θ−θ₀‖²]
 
 KV_t is, per student layer, the mean of kava.losses.kv_loss over K and over V between the
-student's KV and the teacher's aligned, projected KV, on valid tokens only (real, aligned
-student tokens); Σ_t w_t is kava.losses.TeacherWeights (per layer, then averaged over layers).
+student's KV and the teacher's aligned KV of the mapped layer, one side projected into the
+other's space (kava.projector: student_to_teacher maps the student's KV onto the teacher's fixed
+KV; teacher_to_student maps the teacher's onto the student's), on valid tokens only (real,
+aligned student tokens). With kv_std_norm both sides are divided by the teacher's own K or V
+standard deviation at that layer, measured once on the train store: a fixed scale, which the
+projector cannot shrink. Σ_t w_t is kava.losses.TeacherWeights (per layer, then averaged).
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
-student's KV enters that fit detached, so the student trains on CE alone, while the projector
-learns the best map from teacher KV to this student's KV. Then "KV cosine" means the same
-thing for every arm: how well a trained projector predicts the student's KV from the teacher's.
+student's KV enters that fit detached, so the student trains on CE alone. Then the training
+KV cosine means the same for every arm.
 """
 
 import torch
 from torch import nn
 
-from kava.align import cka_layer_map, explicit_layer_map, ratio_layer_map
-from kava.batching import (align_teacher, collate, store_positions, student_example,
-                           teacher_inputs)
-from kava.capture import KEY_SPACES, decoder_layers, forward_kv, pre_rope_hooks
+from kava.align import auto_layer_map, explicit_layer_map, ratio_layer_map
+from kava.capture import KEY_SPACES, decoder_layers, pre_rope_hooks
 from kava.errors import KavaError
-from kava.losses import TeacherWeights, kv_loss, masked_cosine, masked_std
+from kava.losses import TeacherWeights, kv_loss, masked_cosine
 from kava.projector import KVProjector
 
-LAYER_MAPS = ("ratio", "explicit", "cka")
+LAYER_MAPS = ("auto", "ratio", "explicit", "cka")
 
 
-def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None, cka=None):
-    """The teacher layer each student layer learns from, checked against what the teacher's KV
-    store holds (precompute may have stored only some layers)."""
-    if mode == "ratio":
+def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None, cka=None,
+              pruned=None):
+    """(the teacher layer each student layer learns from, why), checked against what the
+    teacher's KV store holds (precompute may have stored only some layers). pruned: the
+    student's (base, keep_layers) when it is a depth-pruned model (kava.align.pruned_from)."""
+    why = mode
+    if mode == "auto":
+        mapping, why = auto_layer_map(n_student, n_teacher, teacher, pruned)
+    elif mode == "ratio":
         mapping = ratio_layer_map(n_student, n_teacher)
     elif mode == "explicit":
         if teacher not in (explicit or {}):
@@ -50,7 +56,7 @@ def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None,
             raise KavaError(f"student layer {student_layer} maps to teacher {teacher} layer "
                             f"{teacher_layer}, which its KV store does not hold (stored layers: "
                             f"{sorted(stored)}); precompute it or change the layer map")
-    return mapping
+    return mapping, why
 
 
 def student_forward(model, batch, key_space="pre_rope", ce_items=None):
@@ -81,34 +87,52 @@ def student_forward(model, batch, key_space="pre_rope", ce_items=None):
                      for i in layers]
 
 
-def layer_scores(student_kv, projected, mask, loss_cfg):
+def compared_pairs(projector, student_kv, teacher_kv):
+    """(prediction, target) KV per student layer for one teacher: the projector maps whichever
+    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}."""
+    mapped = [teacher_kv[layer] for layer in projector.layer_map]
+    if projector.direction == "teacher_to_student":
+        return student_kv, projector(mapped)
+    return projector(student_kv), mapped
+
+
+def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
     """KV loss and cosine of one teacher, per student layer: two `[n_layers]` tensors (loss with
-    autograd, cosine detached), each the mean over K and V on the valid tokens."""
+    autograd, cosine detached), each the mean over K and V on the valid tokens. std: `[n_layers,
+    2]` fixed scales of K and V (used with kv_std_norm)."""
     losses, cosines = [], []
-    for (sk, sv), (pk, pv) in zip(student_kv, projected):
+    for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred_kv, target_kv)):
         per_kv = []
-        for s, p in ((sk, pk), (sv, pv)):
-            std = masked_std(p, mask) if loss_cfg["kv_std_norm"] else None
-            per_kv.append(kv_loss(s, p, mask, loss_cfg["kv_loss"], alpha=loss_cfg["kv_alpha"],
-                                  beta=loss_cfg["kv_beta"], std=std))
+        for which, (p, t) in enumerate(((pk, tk), (pv, tv))):
+            scale = std[layer, which] if loss_cfg["kv_std_norm"] else None
+            per_kv.append(kv_loss(p, t, mask, loss_cfg["kv_loss"], alpha=loss_cfg["kv_alpha"],
+                                  beta=loss_cfg["kv_beta"], std=scale))
         losses.append((per_kv[0] + per_kv[1]) / 2)
         with torch.no_grad():
-            cosines.append((masked_cosine(sk, pk, mask) + masked_cosine(sv, pv, mask)) / 2)
+            cosines.append((masked_cosine(pk, tk, mask) + masked_cosine(pv, tv, mask)) / 2)
     return torch.stack(losses), torch.stack(cosines)
 
 
 class Distiller(nn.Module):
     """Student + projectors + teacher weights in one module, so that DDP sees every trained
     parameter. forward(batch) returns the micro-batch's share of the step's loss and its
-    statistics (detached; summed over micro-batches and GPUs they give the step's values)."""
+    statistics (detached; summed over micro-batches and GPUs they give the step's values).
 
-    def __init__(self, student, projectors, teacher_weights, loss_cfg, key_space="pre_rope"):
+    teacher_std: `[n_teachers, n_student_layers, 2]` standard deviation of each teacher's K and
+    V at the layer each student layer maps to (kava.distill.teacher_kv_std)."""
+
+    def __init__(self, student, projectors, teacher_weights, teacher_std, loss_cfg,
+                 key_space="pre_rope"):
         super().__init__()
         self.student = student
         self.projectors = nn.ModuleDict(projectors)
         self.teacher_weights = teacher_weights
+        self.register_buffer("teacher_std", teacher_std)
         self.loss_cfg = dict(loss_cfg)
         self.key_space = key_space
+        # The L2-to-init control pulls toward these; a resumed run rebuilds them from the card.
+        self.init_params = ([p.detach().clone() for p in student.parameters()]
+                            if loss_cfg["l2_init_weight"] else None)
 
     @property
     def teachers(self):
@@ -123,11 +147,11 @@ class Distiller(nn.Module):
         if not kv_on_student:
             student_kv = [(k.detach(), v.detach()) for k, v in student_kv]
         kv_losses, cosines = [], []
-        for name in self.teachers:
+        for t, name in enumerate(self.teachers):
             targets = batch.teachers[name]
-            projected = self.projectors[name](targets.kv)
+            pred, target = compared_pairs(self.projectors[name], student_kv, targets.kv)
             share = targets.mask.sum() / max(int(kv_items[name]), 1)
-            losses, cos = layer_scores(student_kv, projected, targets.mask, cfg)
+            losses, cos = layer_scores(pred, target, targets.mask, cfg, self.teacher_std[t])
             kv_losses.append(losses * share)
             cosines.append(cos * share)
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
@@ -136,26 +160,88 @@ class Distiller(nn.Module):
         loss = cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
         if cfg["teacher_entropy_weight"] and isinstance(self.teacher_weights.logits, nn.Parameter):
             loss = loss - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy() / n_micro
+        l2 = torch.zeros((), device=loss.device)
+        if self.init_params is not None:
+            l2 = sum((p - p0).square().sum()
+                     for p, p0 in zip(self.student.parameters(), self.init_params))
+            loss = loss + cfg["l2_init_weight"] * l2 / n_micro
         stats = {"ce": outputs.loss.detach(), "kv": kv_matrix.detach(),
-                 "cos": torch.stack(cosines, dim=1),
+                 "cos": torch.stack(cosines, dim=1), "l2": l2.detach() / n_micro,
                  "tokens": batch.attention_mask.sum().to(kv_matrix.dtype)}
         return loss, stats
 
-    def objective(self, ce, kv_matrix):
+    def objective(self, ce, kv_matrix, l2):
         """The logged loss of a step from its summed statistics: what the student minimises."""
         cfg = self.loss_cfg
         with torch.no_grad():
-            total = cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_weights(kv_matrix)
+            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_weights(kv_matrix)
+                     + cfg["l2_init_weight"] * l2)
             if (cfg["teacher_entropy_weight"]
                     and isinstance(self.teacher_weights.logits, nn.Parameter)):
                 total = total - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy()
         return float(total)
 
 
-def build_projectors(layer_maps, teacher_shapes, student_shape, kind, hidden):
-    """One KVProjector per teacher (dict, in teacher order)."""
-    return {name: KVProjector(layer_maps[name], teacher_shapes[name], student_shape, kind, hidden)
-            for name in layer_maps}
+def build_projectors(layer_maps, teacher_shapes, student_shape, cfg):
+    """One KVProjector per teacher (dict, in teacher order). projector auto: the identity where
+    the teacher's KV has the student's shape, else a ridge-fitted dense map."""
+    projectors = {}
+    for name in layer_maps:
+        kind = cfg["projector"]
+        if kind == "auto":
+            kind = "identity" if tuple(teacher_shapes[name]) == tuple(student_shape) else "ridge"
+        projectors[name] = KVProjector(layer_maps[name], teacher_shapes[name], student_shape, kind,
+                                       cfg["projector_hidden"], cfg["projector_direction"])
+        if cfg["freeze_projector"]:
+            projectors[name].requires_grad_(False)
+    return projectors
+
+
+@torch.no_grad()
+def teacher_kv_std(store, layers, max_examples):
+    """{layer: (std of K, std of V)} of a teacher's stored KV over the tokens of its first
+    `max_examples` examples: the fixed scale kv_std_norm divides by."""
+    sums = {layer: torch.zeros(2, 3, dtype=torch.float64) for layer in layers}
+    for i in range(min(len(store), max_examples)):
+        example = store.example(i)
+        for layer in layers:
+            for which, x in enumerate((example["k"][layer], example["v"][layer])):
+                x = x.double()
+                sums[layer][which] += torch.stack([torch.tensor(float(x.numel())), x.sum(),
+                                                   x.square().sum()])
+    stds = {}
+    for layer, (k, v) in sums.items():
+        stds[layer] = tuple(float(((s[2] / s[0]) - (s[1] / s[0]) ** 2).clamp_min(1e-12).sqrt())
+                            for s in (k, v))
+    return stds
+
+
+@torch.no_grad()
+def fit_ridge_projectors(distiller, batches, ridge):
+    """Fit every ridge projector in closed form on the KV pairs of `batches` (train micro-batches
+    from the initial student), in the projector's direction, before training starts."""
+    ridge_teachers = [name for name, p in distiller.projectors.items() if p.kind == "ridge"]
+    if not ridge_teachers:
+        return
+    pairs = {name: {} for name in ridge_teachers}
+    for batch in batches:
+        _, student_kv = student_forward(distiller.student, batch, distiller.key_space)
+        for name in ridge_teachers:
+            projector, targets = distiller.projectors[name], batch.teachers[name]
+            mask = targets.mask
+            for layer, teacher_layer in enumerate(projector.layer_map):
+                for which in (0, 1):
+                    s, t = student_kv[layer][which][mask], targets.kv[teacher_layer][which][mask]
+                    x, y = (t, s) if projector.direction == "teacher_to_student" else (s, t)
+                    pairs[name].setdefault((layer, which), []).append((x.float(), y.float()))
+    for name in ridge_teachers:
+        for (layer, which), chunks in pairs[name].items():
+            x = torch.cat([c[0] for c in chunks])
+            y = torch.cat([c[1] for c in chunks])
+            if len(x) < 2:
+                raise KavaError(f"ridge projector of teacher {name}: fewer than 2 aligned train "
+                                f"tokens to fit it on")
+            distiller.projectors[name].set_ridge(layer, "kv"[which], x, y, ridge)
 
 
 def teacher_weights(n_layers, teachers, mode, weights):
@@ -167,81 +253,3 @@ def teacher_weights(n_layers, teachers, mode, weights):
                             f"{', '.join(missing)}")
         weights = [float(weights[t]) for t in teachers]
     return TeacherWeights(n_layers, len(teachers), mode, weights)
-
-
-@torch.no_grad()
-def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size,
-              key_space="pre_rope", time_alignment="auto"):
-    """Held-out KV cosine of a trained student and its projectors on `rows` (e.g. the test
-    split) against the teachers' stored KV: mean over valid tokens, heads, and K and V.
-
-    stores: {teacher: KVStore}. Returns {"overall", "per_teacher": {t: float},
-    "per_layer": {t: [float per student layer]}}, the shape kava.evaluate.eval_record takes."""
-    device = next(student.parameters()).device
-    sums = {name: torch.zeros(len(decoder_layers(student)), dtype=torch.float64)
-            for name in projectors}
-    counts = dict.fromkeys(projectors, 0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    layers = {name: sorted(set(projector.layer_map)) for name, projector in projectors.items()}
-    for start in range(0, len(rows), batch_size):
-        students = [student_example(tokenizer, row, max_length)
-                    for row in rows[start:start + batch_size]]
-        positions = {name: store_positions(stores[name], [s["id"] for s in students], name)
-                     for name in projectors}
-        teachers = teacher_inputs({name: stores[name] for name in projectors}, positions,
-                                  range(len(students)), layers)
-        batch = collate(students, teachers, pad_id, time_alignment).to(device)
-        _, student_kv = student_forward(student, batch, key_space)
-        for name, projector in projectors.items():
-            targets = batch.teachers[name]
-            n_valid = int(targets.mask.sum())
-            projected = projector(targets.kv)
-            for layer, ((sk, sv), (pk, pv)) in enumerate(zip(student_kv, projected)):
-                cos = (masked_cosine(sk, pk, targets.mask) + masked_cosine(sv, pv, targets.mask)) / 2
-                sums[name][layer] += float(cos) * n_valid
-            counts[name] += n_valid
-    per_layer = {name: (sums[name] / max(counts[name], 1)).tolist() for name in projectors}
-    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
-    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
-            "per_layer": per_layer}
-
-
-@torch.no_grad()
-def cka_layer_maps(student, tokenizer, stores, rows, max_length, time_alignment="auto"):
-    """Per teacher, the stored teacher layer whose K has the highest linear CKA with each
-    student layer's K (in the stores' key space, heads flattened), over the aligned tokens of
-    `rows`.
-
-    Returns {teacher: {"layer_map": [...], "teacher_layers": [...], "scores": [[...]]}}."""
-    layers = range(len(decoder_layers(student)))
-    device = next(student.parameters()).device
-    students = [student_example(tokenizer, row, max_length) for row in rows]
-    student_feats = {i: [] for i in layers}
-    key_spaces = sorted({store.manifest["key_space"] for store in stores.values()})
-    if len(key_spaces) != 1:
-        raise KavaError(f"the teachers' KV stores mix key spaces {key_spaces}")
-    for s in students:
-        ids = s["input_ids"][None].to(device)
-        kv = forward_kv(student, ids, torch.ones_like(ids), layers, key_spaces[0])
-        for i in layers:
-            student_feats[i].append(kv[i][0][0].flatten(1).float().cpu())
-    maps = {}
-    for name, store in stores.items():
-        stored = sorted(store.layers)
-        s_feats = {i: [] for i in layers}
-        t_feats = {layer: [] for layer in stored}
-        positions = store_positions(store, [s["id"] for s in students], name)
-        for index, s in enumerate(students):
-            if positions[index] is None:
-                continue
-            aligned, valid = align_teacher(s, store.example(positions[index]), stored,
-                                           time_alignment)
-            for i in layers:
-                s_feats[i].append(student_feats[i][index][valid])
-            for layer in stored:
-                t_feats[layer].append(aligned[layer][0][valid].flatten(1))
-        picks, scores = cka_layer_map([torch.cat(s_feats[i]) for i in layers],
-                                      [torch.cat(t_feats[layer]) for layer in stored])
-        maps[name] = {"layer_map": [stored[p] for p in picks], "teacher_layers": stored,
-                      "scores": scores.tolist()}
-    return maps

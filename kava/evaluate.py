@@ -300,66 +300,87 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
 
 
-def eval_record(ids, predictions, references, nlls, kv_cosine=None, tokenizer=None):
+def eval_record(ids, predictions, references, nlls, kv=None, tokenizer=None):
     """The JSON record of one evaluated model, the shape report.py reads:
 
         {"n": int, "accuracy": float, "nll": float,
          "kv_cosine": None | {"overall": float, "per_teacher": {teacher: float},
                               "per_layer": {teacher: [float per student layer]}},
+         "kv_r2": None | the same shape (held-out ridge-probe R², kava.kvfit),
          "tokenizer": None | str,
          "per_example": {"id": [...], "correct": [bool], "nll": [float], "prediction": [str],
                          "extracted": [str | None], "reference": [str]}}
 
-    `ids` identify the examples (row ids of the test split) so that arms can be paired.
+    `ids` identify the examples (row ids of the test split) so that arms can be paired. NLLs
+    cover every id; predictions (and so correct, prediction, extracted, reference) the first
+    len(predictions) ids, the ones generated.
     `tokenizer` identifies the model's tokenisation (tokenizer_fingerprint): NLL is per token,
     so two models' NLLs compare only when their tokenizers are equal."""
     correct = grade(predictions, references)
-    if not len(ids) == len(nlls) == len(correct):
+    if not len(ids) == len(nlls) >= len(correct):
         raise KavaError(f"{len(ids)} ids, {len(predictions)} predictions and {len(nlls)} NLLs "
-                        f"differ")
+                        f"do not match (predictions may cover only the first ids)")
     if len(set(ids)) != len(ids):
         raise KavaError("example ids repeat: each evaluated row needs a unique id")
-    if kv_cosine is not None and set(kv_cosine) != {"overall", "per_teacher", "per_layer"}:
-        raise KavaError(f"kv_cosine keys {sorted(kv_cosine)}, expected overall, per_layer, "
-                        f"per_teacher")
+    for name, scores in (kv or {}).items():
+        if set(scores) != {"overall", "per_teacher", "per_layer"}:
+            raise KavaError(f"kv {name} keys {sorted(scores)}, expected overall, per_layer, "
+                            f"per_teacher")
+    kv = kv or {}
     return {"n": len(ids), "accuracy": float(np.mean(correct)), "nll": float(np.mean(nlls)),
-            "kv_cosine": kv_cosine, "tokenizer": tokenizer,
+            "kv_cosine": kv.get("cosine"), "kv_r2": kv.get("r2"), "tokenizer": tokenizer,
             "per_example": {"id": list(ids), "correct": correct, "nll": [float(x) for x in nlls],
                             "prediction": list(predictions),
                             "extracted": [extract_answer(p) for p in predictions],
                             "reference": [str(r) for r in references]}}
 
 
-def heldout_kv_cosine(student, tokenizer, projectors, train_info, manifests, rows, max_length,
-                      batch_size):
-    """Held-out KV cosine of a trained student (kava.distill.kv_cosine, the training's own
-    alignment, projection and student capture, without gradients) against the teachers'
-    test-split KV stores.
-
-    projectors: {teacher: KVProjector} as trained; train_info: the run's train.json, which says
-    the key space, time alignment and teacher weights the projectors were trained with;
-    manifests: the test-split manifest of every teacher. A store made by other teacher weights
-    or in another key space than training used is refused, naming the manifest."""
-    from kava.distill import kv_cosine
+def trained_stores(manifests, teachers, train_info):
+    """{teacher: KVStore} of `manifests` for the teachers a trained student learned from, each
+    checked against the teacher weights and key space training used (a store of other weights
+    or another key space is refused, naming the manifest)."""
     from kava.kvstore import KVStore
 
     stores = {}
     for path in manifests:
         name = KVStore(path).manifest["teacher"]["name"]
-        if name in projectors:
+        if name in teachers:
             trained = train_info["teachers"][name]["identity"]["teacher"]
             stores[name] = KVStore(path, expect={"teacher": name,
                                                  "weights_sha256": trained["weights_sha256"],
                                                  "key_space": train_info["key_space"]})
-    missing = [name for name in projectors if name not in stores]
+    missing = [name for name in teachers if name not in stores]
     if missing:
-        raise KavaError(f"no test-split KV manifest of teacher {missing[0]} among {list(manifests)}"
-                        f" (the student's projectors need {', '.join(projectors)})")
+        raise KavaError(f"no KV manifest of teacher {missing[0]} among {list(manifests)} (the "
+                        f"trained student learned from {', '.join(teachers)})")
+    return stores
+
+
+def heldout_kv(student, tokenizer, projectors, train_info, train_manifests, test_manifests,
+               train_rows, test_rows, max_length, batch_size, probe_ridge):
+    """A trained student's held-out KV match on the test split, as training compared it:
+    "cosine", the raw cosine through its projectors (kava.kvfit.kv_cosine), and "r2", the
+    R² of a ridge probe fitted on the train split over the per-head-mean baseline
+    (kava.kvfit.kv_probe_r2), each {"overall", "per_teacher", "per_layer"}.
+
+    projectors: {teacher: KVProjector} as trained; train_info: the run's train.json (key space,
+    time alignment, layer maps)."""
+    from kava.kvfit import kv_cosine, kv_probe_r2
+
     device = next(student.parameters()).device
+    test_stores = trained_stores(test_manifests, list(projectors), train_info)
+    train_stores = trained_stores(train_manifests, list(projectors), train_info)
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
-    return kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size,
-                     key_space=train_info["key_space"],
-                     time_alignment=train_info["config"]["time_alignment"])
+    # A kv_shuffled arm read other examples' KV in training; held out, every arm is measured
+    # against each example's own teacher KV.
+    alignment = train_info["config"]["time_alignment"]
+    cosine = kv_cosine(student, projectors, test_stores, test_rows, tokenizer, max_length,
+                       batch_size, key_space=train_info["key_space"], time_alignment=alignment)
+    layer_maps = {name: train_info["teachers"][name]["layer_map"] for name in projectors}
+    r2 = kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows,
+                     test_rows, max_length, batch_size, probe_ridge,
+                     key_space=train_info["key_space"], time_alignment=alignment)
+    return {"cosine": cosine, "r2": r2}
 
 
 def prediction_lines(record, questions):

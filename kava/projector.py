@@ -1,5 +1,5 @@
-"""Map one teacher's KV into the student's KV space: one small module per student layer and per
-K/V, reading the teacher layer the layer map assigns to that student layer.
+"""Map KV between a teacher's and the student's spaces: one small module per student layer and
+per K/V, for the teacher layer the layer map assigns to that student layer.
 
 Shapes are `(num_key_value_heads, head_dim)` from the dims JSON: GQA is what makes KV narrower
 than the hidden size, so num_attention_heads never enters here.
@@ -17,7 +17,8 @@ from kava.align import span_alignment
 from kava.errors import KavaError
 from kava.io import atomic_path
 
-KINDS = ("linear", "mlp")
+KINDS = ("identity", "ridge", "linear", "mlp")
+DIRECTIONS = ("student_to_teacher", "teacher_to_student")
 
 
 def group_average_init(n_teacher_heads, n_student_heads):
@@ -36,14 +37,14 @@ def group_average_init(n_teacher_heads, n_student_heads):
 
 
 class LinearKV(nn.Module):
-    """Factorised linear map `[..., H_t, D_t] → [..., H_s, D_s]`: a head mixer, then a
+    """Factorised linear map `[..., H_in, D_in] → [..., H_out, D_out]`: a head mixer, then a
     head-dim map with bias shared by all heads. Starts as group averaging plus the identity on
     head_dim (or a norm-preserving semi-orthogonal map when head_dim changes), so with equal
     shapes it starts as the exact identity."""
 
-    def __init__(self, teacher_shape, student_shape):
+    def __init__(self, in_shape, out_shape):
         super().__init__()
-        (h_t, d_t), (h_s, d_s) = teacher_shape, student_shape
+        (h_t, d_t), (h_s, d_s) = in_shape, out_shape
         self.heads = nn.Parameter(group_average_init(h_t, h_s))
         self.dims = nn.Linear(d_t, d_s)
         with torch.no_grad():
@@ -59,9 +60,9 @@ class LinearKV(nn.Module):
         return self.dims(torch.einsum("st,...td->...sd", self.heads, x))
 
 
-def mlp_kv(teacher_shape, student_shape, hidden):
+def mlp_kv(in_shape, out_shape, hidden):
     """The SEED's "elastic bottleneck": all heads flattened, LayerNorm, Linear, SiLU, Linear."""
-    (h_t, d_t), (h_s, d_s) = teacher_shape, student_shape
+    (h_t, d_t), (h_s, d_s) = in_shape, out_shape
     return nn.Sequential(
         nn.Flatten(start_dim=-2),
         nn.LayerNorm(h_t * d_t),
@@ -72,88 +73,126 @@ def mlp_kv(teacher_shape, student_shape, hidden):
     )
 
 
+class DenseKV(nn.Module):
+    """One linear map with bias over all heads at once, `[..., H_in, D_in] → [..., H_out,
+    D_out]`: what a closed-form ridge fit (kava.projector.fit_ridge) gives, so a projector can
+    start at the best linear map of the training data instead of at a guess."""
+
+    def __init__(self, in_shape, out_shape):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.map = nn.Linear(math.prod(in_shape), math.prod(out_shape))
+
+    def forward(self, x):
+        return self.map(x.flatten(-2)).unflatten(-1, self.out_shape)
+
+
+def ridge_solution(x, y, ridge):
+    """Closed-form ridge regression with an unpenalised bias: (weight `[d_out, d_in]`, bias
+    `[d_out]`) minimising ||y − x·Wᵀ − b||² + λ||W||², with λ = ridge · trace(XcᵀXc) / d_in
+    (relative to the inputs' scale, so one setting fits K and V of any model). x `[N, d_in]`,
+    y `[N, d_out]`; solved in float64."""
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    lam = ridge * gram.diagonal().sum() / x.shape[1]
+    weight = torch.linalg.solve(gram + lam * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ yc).T
+    return weight.float(), (y_mean - weight @ x_mean).float()
+
+
 class KVProjector(nn.Module):
-    """Projects one teacher's KV to the student's shapes, for every student layer.
+    """Maps KV from one side's space to the other's, for every student layer: one small module
+    per student layer and per K/V.
 
-    layer_map[s] is the teacher layer student layer s learns from (see kava.align).
-    teacher_shape / student_shape are (num_key_value_heads, head_dim). kind: "linear"
-    (LinearKV) or "mlp" (mlp_kv with `hidden` units; hidden is ignored by "linear" and not
-    recorded for it)."""
+    direction: student_to_teacher (the teacher's fixed KV is the target and the projector
+        absorbs the student's basis freedom, as FitNets' regressor does) or teacher_to_student
+        (the projected teacher KV is the student's target).
+    kind: identity (no parameters; equal shapes only), ridge (DenseKV, fitted in closed form on
+        train KV by kava.distill before training), linear (LinearKV) or mlp (mlp_kv with
+        `hidden` units). layer_map[s] is the teacher layer student layer s is compared with.
+    Shapes are (num_key_value_heads, head_dim)."""
 
-    def __init__(self, layer_map, teacher_shape, student_shape, kind="linear", hidden=512):
+    def __init__(self, layer_map, teacher_shape, student_shape, kind="linear", hidden=512,
+                 direction="teacher_to_student"):
         super().__init__()
         if kind not in KINDS:
             raise KavaError(f"unknown projector kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if direction not in DIRECTIONS:
+            raise KavaError(f"unknown projector direction {direction!r}; choose one of "
+                            f"{', '.join(DIRECTIONS)}")
         self.layer_map = [int(t) for t in layer_map]
         self.teacher_shape = tuple(int(n) for n in teacher_shape)
         self.student_shape = tuple(int(n) for n in student_shape)
-        self.kind = kind
+        self.kind, self.direction = kind, direction
         self.hidden = int(hidden) if kind == "mlp" else None
+        shapes = (self.teacher_shape, self.student_shape)
+        self.in_shape, self.out_shape = shapes if direction == "teacher_to_student" else shapes[::-1]
+        if kind == "identity" and self.in_shape != self.out_shape:
+            raise KavaError(f"an identity projector needs equal KV shapes, got teacher "
+                            f"{self.teacher_shape} and student {self.student_shape} (heads, "
+                            f"head_dim); use projector ridge, linear or mlp")
 
         def make():
+            if kind == "identity":
+                return nn.Identity()
+            if kind == "ridge":
+                return DenseKV(self.in_shape, self.out_shape)
             if kind == "linear":
-                return LinearKV(self.teacher_shape, self.student_shape)
-            return mlp_kv(self.teacher_shape, self.student_shape, self.hidden)
+                return LinearKV(self.in_shape, self.out_shape)
+            return mlp_kv(self.in_shape, self.out_shape, self.hidden)
 
         self.maps = nn.ModuleDict({f"{which}{layer}": make()
                                    for layer in range(len(self.layer_map)) for which in "kv"})
 
-    def forward(self, teacher_kv):
-        """teacher_kv: teacher layer → (K, V), each `[..., H_t, D_t]` (only the mapped layers
-        are read). Returns one (K, V) pair per student layer, each `[..., H_s, D_s]`, float32
-        or whatever dtype the projector's weights are in."""
-        out = []
-        for student_layer, teacher_layer in enumerate(self.layer_map):
-            if teacher_layer not in teacher_kv:
-                raise KavaError(f"projector: student layer {student_layer} needs teacher layer "
-                                f"{teacher_layer}, which was not given")
-            out.append(tuple(self._project(student_layer, which, x)
-                             for which, x in zip("kv", teacher_kv[teacher_layer])))
-        return out
+    def forward(self, kv):
+        """kv: one (K, V) pair per student layer, each `[..., *in_shape]`, in the direction's
+        source space. Returns the pairs mapped to `[..., *out_shape]`, float32 or whatever dtype
+        the projector's weights are in."""
+        if len(kv) != len(self.layer_map):
+            raise KavaError(f"projector: got KV of {len(kv)} layers, it maps "
+                            f"{len(self.layer_map)}")
+        return [tuple(self._project(layer, which, x) for which, x in zip("kv", pair))
+                for layer, pair in enumerate(kv)]
 
     def _project(self, student_layer, which, x):
-        if tuple(x.shape[-2:]) != self.teacher_shape:
-            raise KavaError(f"projector: teacher {which.upper()} for student layer {student_layer} "
+        if tuple(x.shape[-2:]) != self.in_shape:
+            side = self.direction.split("_to_")[0]
+            raise KavaError(f"projector: {side} {which.upper()} for student layer {student_layer} "
                             f"has (heads, head_dim) {tuple(x.shape[-2:])}, expected "
-                            f"{self.teacher_shape} from the dims JSON")
+                            f"{self.in_shape} from the dims JSON")
         module = self.maps[f"{which}{student_layer}"]
         # Teacher KV is stored in bf16; the projector keeps full-precision weights (autocast,
         # where enabled, still picks the matmul precision).
-        return module(x.to(next(module.parameters()).dtype))
+        weight = next(module.parameters(), None)
+        return module(x.float() if weight is None else x.to(weight.dtype))
+
+    @torch.no_grad()
+    def set_ridge(self, student_layer, which, x, y, ridge):
+        """Fit one layer's K or V map in closed form to source `x` `[N, *in_shape]` and target
+        `y` `[N, *out_shape]` (ridge kind only)."""
+        weight, bias = ridge_solution(x.flatten(1), y.flatten(1), ridge)
+        dense = self.maps[f"{which}{student_layer}"].map
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias)
 
     def _metadata(self):
         return {
-            "format": "kava-projector-1",
             "kind": self.kind,
+            "direction": self.direction,
             "teacher_shape": json.dumps(list(self.teacher_shape)),
             "student_shape": json.dumps(list(self.student_shape)),
             "layer_map": json.dumps(self.layer_map),
             "hidden": json.dumps(self.hidden),
         }
 
-    def save(self, path):
-        """Write the weights as safetensors, with kind, shapes and layer map as metadata."""
-        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self._metadata())
 
-    def load(self, path):
-        """Load weights saved by save(), refusing a file made for other shapes, kind or map."""
-        with safe_open(str(path), framework="pt") as f:
-            found = f.metadata() or {}
-            for key, expected in self._metadata().items():
-                if found.get(key) != expected:
-                    raise KavaError(f"{path}: projector {key} is {found.get(key)}, "
-                                    f"this run expects {expected}")
-            self.load_state_dict({name: f.get_tensor(name) for name in f.keys()})
-
-
-PROJECTORS_FORMAT = "kava-projectors-1"
+PROJECTORS_FORMAT = "kava-projectors-2"
 
 
 def save_projectors(projectors, path):
     """Several teachers' projectors in one safetensors file: tensors `<teacher>.<name>`, and
-    per teacher its kind, shapes and layer map as metadata `<teacher>.<key>`."""
+    per teacher its kind, direction, shapes and layer map as metadata `<teacher>.<key>`."""
     tensors, metadata = {}, {"format": PROJECTORS_FORMAT, "teachers": json.dumps(list(projectors))}
     for teacher, projector in projectors.items():
         for name, t in projector.state_dict().items():
@@ -174,11 +213,11 @@ def load_projectors(path):
         projectors = {}
         for teacher in json.loads(metadata["teachers"]):
             meta = {key: metadata[f"{teacher}.{key}"] for key in
-                    ("kind", "teacher_shape", "student_shape", "layer_map", "hidden")}
+                    ("kind", "direction", "teacher_shape", "student_shape", "layer_map", "hidden")}
             hidden = json.loads(meta["hidden"])
             projector = KVProjector(json.loads(meta["layer_map"]), json.loads(meta["teacher_shape"]),
                                     json.loads(meta["student_shape"]), meta["kind"],
-                                    hidden if hidden is not None else 512)
+                                    hidden if hidden is not None else 512, meta["direction"])
             stored = set(f.keys())
             missing = [n for n in projector.state_dict() if f"{teacher}.{n}" not in stored]
             if missing:

@@ -1,10 +1,14 @@
-"""Train a student and its KV projectors from cached teacher KV: the loop, read top to bottom.
+"""Train a student and its KV projectors from cached teacher KV, as a recipe: named setup
+builders (setup_data, setup_model, setup_optimizer, setup_scheduler), one train_step that the
+loop, bench/train_step.py and the tests share, and train(), which reads top to bottom:
 
     for step in steps:                     # one optimiser step = effective_batch examples
-        for micro_batch in my slice:       # each GPU (rank) takes its slice of the step's examples
-            loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
-            backward                       # DDP averages gradients at the last micro-batch
-        clip, AdamW step, cosine LR step
+        batches = step_batches(step)       # each GPU (rank) takes its slice of the step's examples
+        train_step(batches):
+            for micro_batch in batches:
+                loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
+                backward                       # DDP averages gradients at the last micro-batch
+            clip, AdamW step, LR step
         log one metrics line; every checkpoint_every steps (and on SIGTERM/SIGUSR1/SIGINT)
         save a checkpoint
 
@@ -20,6 +24,7 @@ loaded with weights_only=True) and the metrics so far. The outputs are written o
 end, each atomically; then the checkpoints are removed.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -28,6 +33,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +41,11 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from kava.batching import (collate, example_order, store_positions, student_example,
+from kava.align import pruned_from
+from kava.batching import (collate, example_order, pad_id, store_positions, student_example,
                            teacher_inputs, time_alignment)
-from kava.distill import Distiller, build_projectors, layer_map, teacher_weights
+from kava.distill import (Distiller, build_projectors, fit_ridge_projectors, layer_map,
+                          teacher_kv_std, teacher_weights)
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
 from kava.models import load_model as load_hf_model
@@ -53,6 +61,10 @@ NON_IDENTITY_KEYS = ("checkpoint_every", "gpus")
 
 class Interrupted(KavaError):
     """A stop signal arrived; the checkpoint is written and a rerun resumes from it."""
+
+
+class NonFinite(KavaError):
+    """A step's loss or gradient norm is not finite; the step was not applied."""
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -130,7 +142,152 @@ def fingerprint(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def build_optimizer(distiller, cfg):
+@dataclass
+class TrainData:
+    """Everything a step needs to build its batches: the student's examples, each teacher's
+    store and where each example's KV sits in it, and how it is read."""
+    tokenizer: object
+    students: list            # kava.batching.student_example per train row
+    stores: dict              # {teacher: KVStore}
+    positions: dict           # {teacher: [store index of the KV each example reads, or None]}
+    layer_maps: dict          # {teacher: [teacher layer per student layer]}
+    layer_map_reasons: dict   # {teacher: why that map}
+    alignment: str            # the time alignment every teacher is read with
+    key_space: str
+    ce_valid: list            # answer tokens per example
+    kv_valid: dict            # {teacher: aligned student tokens per example}
+    kv_lost: dict             # {teacher: student tokens no teacher token covers}
+    partner: list = None      # kv_shuffled: the example whose KV each example reads
+
+    @property
+    def used_layers(self):
+        return {name: sorted(set(m)) for name, m in self.layer_maps.items()}
+
+
+def arm_teachers(cfg, teachers):
+    """The run's teachers that this arm learns from (train.teachers; null: all)."""
+    if cfg["teachers"] is None:
+        return teachers
+    names = [t["card"]["name"] for t in teachers]
+    unknown = [name for name in cfg["teachers"] if name not in names]
+    if unknown:
+        raise KavaError(f"train.teachers names {unknown[0]}, which is not a teacher of this run "
+                        f"({', '.join(names)})")
+    return [t for t in teachers if t["card"]["name"] in cfg["teachers"]]
+
+
+def derangement(n, seed):
+    """A seeded permutation with no fixed point (one cycle through a random order): example i
+    reads the KV of partner[i] ≠ i."""
+    if n < 2:
+        raise KavaError("kv_shuffled needs at least 2 train examples to pair each with another")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).tolist()
+    partner = [0] * n
+    for j, i in enumerate(order):
+        partner[i] = order[(j + 1) % n]
+    return partner
+
+
+def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps=None):
+    """The student's tokens and labels for every row, each teacher's store, the layer maps and
+    the time alignment; checks that they fit together."""
+    tokenizer = load_tokenizer(student_card["dir"])
+    students = [student_example(tokenizer, row, max_length) for row in rows]
+    stores = open_stores(teachers)
+    key_space = next(iter(stores.values())).manifest["key_space"]
+    partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
+    positions = {}
+    for name, store in stores.items():
+        own = store_positions(store, [s["id"] for s in students], name)
+        positions[name] = own if partner is None else [own[j] for j in partner]
+    alignment = "position" if partner is not None else cfg["time_alignment"]
+
+    layer_maps, reasons = {}, {}
+    for teacher in teachers:
+        name, dims = teacher["card"]["name"], teacher["dims"]
+        layer_maps[name], reasons[name] = layer_map(
+            cfg["layer_map"], student_dims["num_layers"], dims["num_layers"], name,
+            stores[name].layers, cfg["explicit_layer_map"], cka_maps, pruned_from(student_card))
+        if tuple(stores[name].kv_shape) != (dims["num_kv_heads"], dims["head_dim"]):
+            raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
+                            f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
+                            f"says {(dims['num_kv_heads'], dims['head_dim'])}")
+
+    # Valid (aligned, non-pad) student tokens per teacher and example: the KV loss of a step is
+    # a mean over the step's valid tokens, whichever process and micro-batch holds them.
+    kv_valid, kv_lost = {}, {}
+    for name, store in stores.items():
+        counts = []
+        for s, i in zip(students, positions[name]):
+            if i is None:
+                counts.append(0)
+                continue
+            weights, valid = time_alignment(s, store.example(i), alignment)
+            if key_space == "post_rope" and weights is not None and partner is None:
+                raise KavaError(f"teacher {name} tokenises the text differently from the "
+                                f"student, and its store holds post_rope keys: averaging keys "
+                                f"across tokens mixes rotary phases; precompute it with "
+                                f"key_space pre_rope")
+            counts.append(int(valid.sum()))
+        kv_valid[name] = counts
+        kv_lost[name] = sum(len(s["input_ids"]) for s, i in zip(students, positions[name])
+                            if i is not None) - sum(counts)
+    ce_valid = [int(s["labels"][1:].ne(-100).sum()) for s in students]
+    if cfg["ce_weight"] > 0 and not any(ce_valid):
+        raise KavaError(f"no train example keeps an answer token within max_length "
+                        f"{max_length} student tokens: the answer CE would be empty; raise "
+                        f"data.max_length")
+    return TrainData(tokenizer, students, stores, positions, layer_maps, reasons, alignment,
+                     key_space, ce_valid, kv_valid, kv_lost, partner)
+
+
+def step_batches(data, cfg, seed, step, rank, world, micro):
+    """The micro-batches of `step` on this process, and the step's answer tokens and valid KV
+    tokens per teacher over all processes (the denominators of its losses)."""
+    batch_ids = example_order(len(data.students), seed, (step - 1) * cfg["effective_batch"],
+                              cfg["effective_batch"])
+    per_rank = cfg["effective_batch"] // world
+    mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    batches = [collate([data.students[i] for i in chunk],
+                       teacher_inputs(data.stores, data.positions, chunk, data.used_layers),
+                       pad_id(data.tokenizer), data.alignment)
+               for chunk in chunks]
+    ce_items = sum(data.ce_valid[i] for i in batch_ids)
+    kv_items = {name: sum(data.kv_valid[name][i] for i in batch_ids) for name in data.stores}
+    return batches, ce_items, kv_items
+
+
+def setup_model(cfg, data, student_card, student_dims, teachers, device):
+    """The Distiller: the student from its card, one projector per teacher (ridge ones fitted
+    in closed form on train KV before any step), the teacher weights and the teachers' fixed KV
+    scales."""
+    student = load_hf_model(student_card, torch.float32, device).train()
+    teacher_shapes = {t["card"]["name"]: (t["dims"]["num_kv_heads"], t["dims"]["head_dim"])
+                      for t in teachers}
+    student_shape = (student_dims["num_kv_heads"], student_dims["head_dim"])
+    projectors = build_projectors(data.layer_maps, teacher_shapes, student_shape, cfg)
+    weights = teacher_weights(student_dims["num_layers"], list(data.layer_maps),
+                              cfg["teacher_weighting"], cfg["teacher_weights"])
+    stds = {name: teacher_kv_std(data.stores[name], data.used_layers[name],
+                                 cfg["teacher_stats_examples"]) for name in data.stores}
+    teacher_std = torch.tensor([[stds[name][layer] for layer in data.layer_maps[name]]
+                                for name in data.stores])
+    distiller = Distiller(student, projectors, weights, teacher_std, cfg, data.key_space)
+    distiller.to(device)
+    examples = list(range(min(len(data.students), cfg["projector_fit_examples"])))
+    fit_batches = (collate([data.students[i] for i in examples[j:j + cfg["effective_batch"]]],
+                           teacher_inputs(data.stores, data.positions,
+                                          examples[j:j + cfg["effective_batch"]],
+                                          data.used_layers),
+                           pad_id(data.tokenizer), data.alignment).to(device)
+                   for j in range(0, len(examples), cfg["effective_batch"]))
+    fit_ridge_projectors(distiller, fit_batches, cfg["projector_ridge"])
+    return distiller
+
+
+def setup_optimizer(cfg, distiller):
     """AdamW (fused), two LR groups (student, projectors + teacher weights); no weight decay on
     biases, norms and other 1-D parameters."""
     groups = []
@@ -147,11 +304,20 @@ def build_optimizer(distiller, cfg):
                              fused=True)
 
 
-def build_scheduler(optimizer, cfg):
-    from transformers import get_cosine_schedule_with_warmup
+def lr_factor(step, warmup, steps):
+    """LR multiplier of the optimiser step after `step` earlier ones: linear warmup that starts
+    above zero (the first step learns at 1/(warmup+1) of the peak, none is wasted at lr 0), then
+    cosine decay toward 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
+
+def setup_scheduler(cfg, optimizer):
     warmup = round(cfg["warmup_ratio"] * cfg["steps"])
-    return get_cosine_schedule_with_warmup(optimizer, warmup, cfg["steps"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup=warmup, steps=cfg["steps"]))
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -249,6 +415,57 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+# ---- one step -----------------------------------------------------------------------------
+
+def train_step(model, distiller, batches, ce_items, kv_items, optimizer, scheduler, scaler,
+               autocast, stop=None, world=1):
+    """One optimiser step over this process's micro-batches: forward and backward of each
+    (gradients synchronised at the last), the step's statistics summed over micro-batches and
+    processes, clipping, the AdamW and LR steps. Returns the statistics and whether any process
+    received a stop signal. Raises NonFinite, before updating, if the loss or (without fp16
+    loss scaling) the gradient norm is not finite."""
+    device = next(distiller.parameters()).device
+    sums = None
+    for j, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = j == len(batches) - 1
+        with (model.no_sync() if world > 1 and not last else nullcontext()):
+            with autocast:
+                loss, stats = model(batch, ce_items, kv_items, len(batches))
+            # DDP averages gradients over processes; each process's loss is its share of the
+            # step's sum, so scale back up to get the sum.
+            scaler.scale(loss * world).backward()
+        stats = {k: v.double() for k, v in stats.items()}
+        sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+    stopping = _reduce(sums, stop, world, device)
+    sums = {k: v.cpu() for k, v in sums.items()}
+    ce, l2 = float(sums["ce"]), float(sums["l2"])
+    loss_value = distiller.objective(ce, sums["kv"].float().to(device), l2)
+    if not math.isfinite(loss_value) or not math.isfinite(ce):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"loss is {loss_value} (ce {ce})")
+    scaler.unscale_(optimizer)
+    # Clipped apart: the projectors' gradients must not rescale the student's step (in the CE
+    # baseline they would otherwise change it).
+    projector_params = [*distiller.projectors.parameters(),
+                        *distiller.teacher_weights.parameters()]
+    grad_norm, projector_grad_norm = (
+        float(torch.nn.utils.clip_grad_norm_(params, distiller.loss_cfg["max_grad_norm"]))
+        for params in (distiller.student.parameters(), projector_params))
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"gradient norm is {grad_norm}")
+    lrs = scheduler.get_last_lr()
+    weights = distiller.teacher_weights.weights().detach().cpu()  # before the update
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_value, "ce": ce, "l2": l2, "kv": sums["kv"], "cos": sums["cos"],
+            "tokens": float(sums["tokens"]), "lrs": lrs, "weights": weights,
+            "grad_norms": (grad_norm, projector_grad_norm)}, stopping
+
+
 # ---- the run ------------------------------------------------------------------------------
 
 def train(cfg, *, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
@@ -271,69 +488,33 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
     started = time.perf_counter()
     precision = resolve_precision(cfg["precision"], env["precision"])
     micro = micro_batch_size(cfg, env, world)
-    per_rank = cfg["effective_batch"] // world
     torch.manual_seed(seed)  # projector init; the student starts from its card's weights
 
-    # Data: the student's tokens and labels for every row, and each teacher's store.
-    tokenizer = load_tokenizer(student_card["dir"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    students = [student_example(tokenizer, row, max_length) for row in rows]
-    stores = open_stores(teachers)
-    positions = {name: store_positions(store, [s["id"] for s in students], name)
-                 for name, store in stores.items()}
-    key_space = next(iter(stores.values())).manifest["key_space"]
-
-    # What each student layer learns from, and the projectors that map it.
-    n_student = student_dims["num_layers"]
-    student_shape = (student_dims["num_kv_heads"], student_dims["head_dim"])
-    layer_maps, teacher_shapes = {}, {}
-    for teacher in teachers:
-        name, dims = teacher["card"]["name"], teacher["dims"]
-        layer_maps[name] = layer_map(cfg["layer_map"], n_student, dims["num_layers"], name,
-                                     stores[name].layers, cfg["explicit_layer_map"], cka_maps)
-        teacher_shapes[name] = (dims["num_kv_heads"], dims["head_dim"])
-        if tuple(stores[name].kv_shape) != teacher_shapes[name]:
-            raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
-                            f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
-                            f"says {teacher_shapes[name]}")
-    used_layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
-    # Valid (aligned, non-pad) student tokens per teacher and example: the KV loss of a step is
-    # a mean over the step's valid tokens, whichever process and micro-batch holds them.
-    kv_valid = {name: [0 if i is None else int(time_alignment(
-                    s, stores[name].example(i), cfg["time_alignment"])[1].sum())
-                       for s, i in zip(students, positions[name])]
-                for name in stores}
-    ce_valid = [int(s["labels"][1:].ne(-100).sum()) for s in students]
-    if cfg["ce_weight"] > 0 and not any(ce_valid):
-        raise KavaError(f"no train example keeps an answer token within max_length "
-                        f"{max_length} student tokens: the answer CE would be empty; raise "
-                        f"data.max_length")
-
-    student = load_hf_model(student_card, torch.float32, device).train()
-    projectors = build_projectors(layer_maps, teacher_shapes, student_shape, cfg["projector"],
-                                  cfg["projector_hidden"])
-    weights = teacher_weights(n_student, list(layer_maps), cfg["teacher_weighting"],
-                              cfg["teacher_weights"])
-    distiller = Distiller(student, projectors, weights, cfg, key_space).to(device)
+    # Setup: data, model, optimiser, schedule, mixed precision.
+    teachers = arm_teachers(cfg, teachers)
+    data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps)
+    distiller = setup_model(cfg, data, student_card, student_dims, teachers, device)
     model = distiller
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        # Projectors get no gradient in a CE-only arm without probe_projector.
-        unused = cfg["kv_weight"] == 0 and not cfg["probe_projector"]
+        # Projectors get no gradient in a CE-only arm without probe_projector, or frozen.
+        unused = (cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
         model = DistributedDataParallel(distiller, find_unused_parameters=unused,
                                         device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(distiller, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    optimizer = setup_optimizer(cfg, distiller)
+    scheduler = setup_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision],
                               enabled=PRECISIONS[precision] is not None)
 
+    # Resume from the latest checkpoint of this very run, if any.
     identity = {
         "config": fingerprint({k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}),
         "arm": arm, "seed": seed, "student": student_card["weights_sha256"],
         "data": data_info["splits"]["train"]["sha256"],
-        "manifests": {name: manifest_identity(store.manifest) for name, store in stores.items()},
+        "manifests": {name: manifest_identity(store.manifest)
+                      for name, store in data.stores.items()},
     }
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = checkpoint_dir / "metrics.live.jsonl"
@@ -352,65 +533,25 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
         while step < cfg["steps"]:
             step += 1
             step_start = time.perf_counter()
-            batch_ids = example_order(len(students), seed, (step - 1) * cfg["effective_batch"],
-                                      cfg["effective_batch"])
-            mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
-            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-            ce_items = sum(ce_valid[i] for i in batch_ids)
-            kv_items = {name: sum(kv_valid[name][i] for i in batch_ids) for name in stores}
-
-            sums = None
-            for j, chunk in enumerate(chunks):
-                batch = collate([students[i] for i in chunk],
-                                teacher_inputs(stores, positions, chunk, used_layers),
-                                pad_id, cfg["time_alignment"]).to(device)
-                last = j == len(chunks) - 1
-                with (model.no_sync() if world > 1 and not last else nullcontext()):
-                    with autocast:
-                        loss, stats = model(batch, ce_items, kv_items, len(chunks))
-                    # DDP averages gradients over processes; each process's loss is its share
-                    # of the step's sum, so scale back up to get the sum.
-                    scaler.scale(loss * world).backward()
-                stats = {k: v.double() for k, v in stats.items()}
-                sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
-
-            stopping = _reduce(sums, stop, world, device)
-            sums = {k: v.cpu() for k, v in sums.items()}
-            ce, kv_matrix, cos = float(sums["ce"]), sums["kv"], sums["cos"]
-            loss_value = distiller.objective(ce, kv_matrix.float().to(device))
-            if not math.isfinite(loss_value) or not math.isfinite(ce):
-                raise KavaError(
-                    f"arm {arm} seed {seed}: loss is {loss_value} (ce {ce}) at step {step}; "
-                    f"stopped. " + _kept(checkpoint_dir, last_checkpoint))
-            scaler.unscale_(optimizer)
-            # Clipped apart: the projectors' gradients must not rescale the student's step (in
-            # the CE baseline they would otherwise change it).
-            grad_norm, projector_grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"]))
-                for params in (student.parameters(), [*distiller.projectors.parameters(),
-                                                      *distiller.teacher_weights.parameters()]))
-            if not math.isfinite(grad_norm) and not scaler.is_enabled():
-                raise KavaError(
-                    f"arm {arm} seed {seed}: gradient norm is {grad_norm} at step {step}; "
-                    f"stopped. " + _kept(checkpoint_dir, last_checkpoint))
-            lrs = scheduler.get_last_lr()
-            step_weights = distiller.teacher_weights.weights().detach().cpu()  # before the update
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            # One optimiser step over this step's examples.
+            batches, ce_items, kv_items = step_batches(data, cfg, seed, step, rank, world, micro)
+            try:
+                result, stopping = train_step(model, distiller, batches, ce_items, kv_items,
+                                              optimizer, scheduler, scaler, autocast, stop, world)
+            except NonFinite as err:
+                raise KavaError(f"arm {arm} seed {seed}: {err} at step {step}; stopped. "
+                                + _kept(checkpoint_dir, last_checkpoint)) from None
+            # Log it.
             now = time.perf_counter()
             if rank == 0:
-                line = _metrics_line(step, loss_value, ce, kv_matrix, cos, list(stores), lrs,
-                                     (grad_norm, projector_grad_norm), float(sums["tokens"]),
-                                     now - step_start, elapsed_before + now - t0,
-                                     step_weights if cfg["teacher_weighting"] == "learned" else None)
+                line = _metrics_line(step, result, list(data.stores), now - step_start,
+                                     elapsed_before + now - t0,
+                                     cfg["teacher_weighting"] == "learned")
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
-                progress.set_postfix(loss=f"{loss_value:.3f}", ce=f"{ce:.3f}")
+                progress.set_postfix(loss=f"{result['loss']:.3f}", ce=f"{result['ce']:.3f}")
                 progress.update(1)
-            # The last step needs none: the outputs come next.
+            # Checkpoint it (the last step needs none: the outputs come next), or stop.
             if stopping or (step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]):
                 if rank == 0:
                     save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler,
@@ -427,22 +568,32 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
         summary = {
             "arm": arm, "seed": seed, "config": cfg,
             "steps": cfg["steps"], "resumed_from_step": resumed_at,
-            "examples": len(students),
-            "examples_without_answer_tokens": sum(1 for n in ce_valid if n == 0),
+            "examples": len(data.students),
+            "examples_without_answer_tokens": sum(1 for n in data.ce_valid if n == 0),
             "effective_batch": cfg["effective_batch"],
             "micro_batch": micro, "processes": world, "device": device.type,
-            "precision": precision, "key_space": key_space,
+            "precision": precision, "key_space": data.key_space,
+            "time_alignment": data.alignment, "kv_shuffled_partner": data.partner,
             "data": data_info,
             "student": {"name": student_card["name"],
                         "weights_sha256": student_card["weights_sha256"]},
             "teachers": {name: {"manifest": str(t["manifest"]),
                                 "identity": identity["manifests"][name],
-                                "layer_map": layer_maps[name],
-                                "weights": weights.weights()[:, k].tolist()}
-                         for k, (name, t) in enumerate(zip(stores, teachers))},
+                                "layer_map": data.layer_maps[name],
+                                "layer_map_reason": data.layer_map_reasons[name],
+                                "projector": distiller.projectors[name].kind,
+                                "projector_direction": distiller.projectors[name].direction,
+                                "kv_std": distiller.teacher_std[k].tolist(),
+                                "tokens_without_target": data.kv_lost[name],
+                                "weights": distiller.teacher_weights.weights()[:, k].tolist()}
+                         for k, (name, t) in enumerate(zip(data.stores, teachers))},
             "wall_s": round(time.perf_counter() - started, 3),
         }
-        _publish(distiller, tokenizer, metrics_path, summary, outputs)
+        for name, lost in data.kv_lost.items():
+            if lost:
+                log(f"teacher {name}: {lost} student tokens have no teacher token covering them "
+                    f"and get no KV target (masked)")
+        _publish(distiller, data.tokenizer, metrics_path, summary, outputs)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     _barrier(world)
     return summary
@@ -450,7 +601,8 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
 
 def _reduce(sums, stop, world, device):
     """Sum the step's statistics over processes; True if any process got a stop signal."""
-    flag = torch.tensor([1.0 if stop.received else 0.0], dtype=torch.float64, device=device)
+    flag = torch.tensor([1.0 if stop is not None and stop.received else 0.0],
+                        dtype=torch.float64, device=device)
     if world > 1:
         for value in sums.values():
             dist.all_reduce(value)
@@ -469,19 +621,21 @@ def _kept(checkpoint_dir, last_checkpoint):
     return f"The last good checkpoint (step {last_checkpoint}) is kept in {checkpoint_dir}."
 
 
-def _metrics_line(step, loss, ce, kv_matrix, cos, teachers, lrs, grad_norms, tokens, step_s,
-                  elapsed, learned_weights):
-    line = {"step": step, "loss": loss, "ce": ce}
+def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights):
+    line = {"step": step, "loss": result["loss"], "ce": result["ce"]}
+    kv_matrix, cos = result["kv"], result["cos"]
     for t, name in enumerate(teachers):
         line[f"kv/{name}"] = float(kv_matrix[:, t].mean())
         line[f"cos/{name}"] = float(cos[:, t].mean())
         for layer, value in enumerate(cos[:, t].tolist()):
             line[f"cos/{name}/{layer}"] = value
-        if learned_weights is not None:
-            line[f"w/{name}"] = float(learned_weights[:, t].mean())
-    line.update({"lr": lrs[0], "lr_projector": lrs[-1], "grad_norm": grad_norms[0],
-                 "grad_norm_projector": grad_norms[1],
-                 "tokens": int(tokens), "tokens_per_s": tokens / step_s, "elapsed": elapsed})
+        if learned_weights:
+            line[f"w/{name}"] = float(result["weights"][:, t].mean())
+    lrs = result["lrs"]
+    line.update({"l2_init": result["l2"], "lr": lrs[0], "lr_projector": lrs[-1],
+                 "grad_norm": result["grad_norms"][0],
+                 "grad_norm_projector": result["grad_norms"][1], "tokens": int(result["tokens"]),
+                 "tokens_per_s": result["tokens"] / step_s, "elapsed": elapsed})
     return line
 
 

@@ -6,7 +6,7 @@ import torch
 
 from kava.cli import run_stage, stage_parser
 from kava.data import read_split
-from kava.distill import cka_layer_maps
+from kava.kvfit import cka_layer_maps
 from kava.io import read_json, write_json
 from kava.kvstore import KVStore
 from kava.models import load_model, load_tokenizer

@@ -3,8 +3,12 @@ for a trained student, held-out KV cosine, with every per-example value) and
 eval/<model>/predictions.jsonl (every generation, for a person to read).
 
 The model is a card (`--card`: the student before training, a teacher) or a trained student
-folder (`--model-dir`, with `--projector`, `--train-info` and the teachers' test-split
-`--manifests` for the held-out KV cosine)."""
+folder (`--model-dir`, with `--projector`, `--train-info`, the train split and the teachers'
+train- and test-split manifests for the held-out KV cosine and probe R²).
+
+Answer NLL is computed in fp32 whatever eval.dtype says: rounding the weights to bf16 adds
+per-example noise larger than the difference between two trained arms. Generation runs in
+eval.dtype."""
 
 import json
 
@@ -13,7 +17,7 @@ import torch
 from kava.cli import json_arg, run_stage, stage_parser
 from kava.data import read_split
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
-                           heldout_kv_cosine, prediction_lines, tokenizer_fingerprint)
+                           heldout_kv, prediction_lines, tokenizer_fingerprint)
 from kava.io import atomic_path, read_json, write_json
 from kava.models import load_model, load_tokenizer, materialize
 from kava.precompute import compute_dtype
@@ -28,26 +32,43 @@ def main(args):
     tokenizer = load_tokenizer(card["dir"])
     dtype_name, dtype = compute_dtype(cfg["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(card, dtype=dtype, device=device)
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
-    generated = generate_answers(model, tokenizer, prompts, cfg["max_new_tokens"],
-                                 cfg["batch_size"], cfg["stop"])
+    model = load_model(card, dtype=torch.float32, device=device)
     nlls = answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"])
-    cosine = None
+    kv = noise = None
     if args.projector:
-        cosine = heldout_kv_cosine(model, tokenizer, load_projectors(args.projector),
-                                   read_json(args.train_info), args.manifests, rows,
-                                   args.max_length, cfg["batch_size"])
-    record = eval_record([row["id"] for row in rows], generated, [row["final"] for row in rows],
-                         nlls, cosine, tokenizer_fingerprint(tokenizer))
+        # The evaluation's own numerical noise: the same fp32 NLL computed one example at a
+        # time (other padding, other kernels) differs from the batched one by this much.
+        alone = answer_nll(model, tokenizer, prompts, answers, 1)
+        gaps = [abs(a - b) for a, b in zip(nlls, alone)]
+        noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps)}
+        train_rows = read_split(args.train_data, ("id", "prompt", "text"), 0,
+                                cfg["probe_examples"])
+        kv = heldout_kv(model, tokenizer, load_projectors(args.projector),
+                        read_json(args.train_info), args.train_manifests, args.manifests,
+                        train_rows, rows, args.max_length, cfg["batch_size"], cfg["probe_ridge"])
+    if card["quantize"] == "none":
+        model.to(dtype)
+    else:  # 4-bit weights cannot be cast: load them again with the generation dtype.
+        model = load_model(card, dtype=dtype, device=device)
+    # Generation is most of an evaluation's time: eval.generate_examples caps it.
+    n_generate = len(rows) if cfg["generate_examples"] is None else cfg["generate_examples"]
+    generated = generate_answers(model, tokenizer, prompts[:n_generate], cfg["max_new_tokens"],
+                                 cfg["batch_size"], cfg["stop"])
+    record = eval_record([row["id"] for row in rows], generated,
+                         [row["final"] for row in rows[:n_generate]], nlls, kv,
+                         tokenizer_fingerprint(tokenizer))
     record["model"] = {key: card[key] for key in ("name", "dir", "weights_sha256", "quantize")}
-    record["settings"] = {**cfg, "dtype": dtype_name, "device": device, "test_rows": len(rows)}
+    record["nll_noise"] = noise
+    record["settings"] = {**cfg, "dtype": dtype_name, "nll_dtype": "fp32", "device": device,
+                          "test_rows": len(rows)}
     with atomic_path(args.predictions) as tmp:
         tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n"
                                for line in prediction_lines(record, [r["question"] for r in rows])))
     write_json(args.out, record)
     print(f"{args.name}: accuracy {record['accuracy']:.3f}, answer NLL {record['nll']:.4f}"
-          + (f", held-out KV cosine {cosine['overall']:.4f}" if cosine else ""))
+          + (f", held-out KV cosine {kv['cosine']['overall']:.4f}, probe R² "
+             f"{kv['r2']['overall']:.4f}" if kv else ""))
 
 
 if __name__ == "__main__":
@@ -60,6 +81,9 @@ if __name__ == "__main__":
     parser.add_argument("--train-info", help="the trained student's train.json")
     parser.add_argument("--manifests", nargs="*", default=[],
                         help="every teacher's test-split KV manifest")
+    parser.add_argument("--train-manifests", nargs="*", default=[],
+                        help="every teacher's train-split KV manifest (the probe's fit)")
+    parser.add_argument("--train-data", help="data/train.parquet (the probe's fit)")
     parser.add_argument("--data", required=True, help="data/test.parquet")
     parser.add_argument("--eval", type=json_arg, required=True, help="the eval section, JSON")
     parser.add_argument("--max-length", type=int, required=True,

@@ -11,7 +11,7 @@ from kava.report import build_summary, load_evals, load_facts, load_metrics, ren
 def main(args):
     evals = load_evals(args.evals)
     cfg = args.report
-    summary = build_summary(evals, treatment=cfg["treatment"], control=cfg["control"],
+    summary = build_summary(evals, control=cfg["control"], contrasts=cfg["contrasts"],
                             n_boot=cfg["n_boot"], seed=cfg["seed"])
     facts = load_facts(env=args.env, dims={Path(path).stem: path for path in args.dims},
                        data_info=args.data_info, manifests=args.manifests,

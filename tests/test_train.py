@@ -22,7 +22,8 @@ from kava.capture import forward_kv
 from kava.config import arm_configs
 from kava.data import PROMPT_TEMPLATE, rows_sha256, write_split
 from kava.dims import detect_dims
-from kava.distill import cka_layer_maps, kv_cosine, layer_map, student_forward
+from kava.distill import layer_map, student_forward
+from kava.kvfit import cka_layer_maps, kv_cosine
 from kava.errors import KavaError
 from kava.io import write_json
 from kava.kvstore import KVStore
@@ -312,7 +313,9 @@ def test_arms_share_init_and_data_order(world, tmp_path):
 
 
 def test_ce_arm_trains_its_projectors_without_touching_the_student(world, tmp_path):
-    base = dict(steps=3, effective_batch=4, micro_batch=4, warmup_ratio=0.0)
+    # A trainable projector in the teacher_to_student direction: the one that has something to fit.
+    base = dict(steps=3, effective_batch=4, micro_batch=4, warmup_ratio=0.0, projector="linear",
+                projector_direction="teacher_to_student")
     probe = run(world, tmp_path / "probe", train_config(kv_weight=0.0, **base), arm="ce")
     plain = run(world, tmp_path / "plain",
                 train_config(kv_weight=0.0, probe_projector=False, **base), arm="ce")

@@ -5,7 +5,8 @@ import shlex
 EVAL = f"{RESULTS}/eval"
 TEST_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/test/manifest.json", teacher=config["teachers"])
 # The eval keys a job reads; eval.teachers only decides which jobs exist.
-EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop"]
+EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop", "generate_examples", "probe_examples",
+             "probe_ridge"]
 
 
 def evaluated_models():
@@ -18,7 +19,8 @@ def evaluated_models():
             run = f"{RESULTS}/train/{arm}/seed{seed}"
             named.append((f"{arm}-seed{seed}", {
                 "model_dir": f"{run}/student", "projector": f"{run}/projector.safetensors",
-                "train_info": f"{run}/train.json", "manifests": TEST_MANIFESTS}))
+                "train_info": f"{run}/train.json", "manifests": TEST_MANIFESTS,
+                "train_manifests": TRAIN_MANIFESTS, "train_data": f"{RESULTS}/data/train.parquet"}))
     names = [name for name, _ in named]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
@@ -35,12 +37,14 @@ wildcard_constraints:
 
 
 def model_args(wildcards, input):
-    """--card for init and teachers; a trained student's folder, projectors, train.json and the
-    teachers' test-split manifests for an arm."""
+    """--card for init and teachers; a trained student's folder, projectors, train.json, the
+    train split and the teachers' train- and test-split manifests for an arm."""
     if input.get("card"):
         return f"--card {shlex.quote(input.card)}"
     return (f"--model-dir {shlex.quote(input.model_dir)} --projector {shlex.quote(input.projector)} "
-            f"--train-info {shlex.quote(input.train_info)} --manifests {shlex.join(input.manifests)}")
+            f"--train-info {shlex.quote(input.train_info)} --manifests {shlex.join(input.manifests)} "
+            f"--train-manifests {shlex.join(input.train_manifests)} "
+            f"--train-data {shlex.quote(input.train_data)}")
 
 
 rule evaluate:

@@ -1,0 +1,159 @@
+"""How well a student's KV matches its teachers', measured away from training: the held-out
+raw cosine through the trained projectors, the held-out fit of a ridge probe over a content-free
+baseline, and the CKA layer maps.
+
+Raw cosine says little alone: keys are dominated by their per-head mean, so a content-free
+predictor (each head's mean K/V) already scores a high cosine. The probe's R² is measured over
+exactly that baseline: 1 − SSE(probe) / SSE(per-channel train mean), on held-out tokens, where
+the probe is a ridge map from the student's KV at a layer to the teacher's KV at the mapped
+layer, fitted on train-split tokens. 0 means the student's KV holds no more linearly readable
+teacher information than a constant; 1 means it determines the teacher's KV.
+"""
+
+import torch
+
+from kava.align import cka_layer_map
+from kava.batching import (align_teacher, collate, pad_id, store_positions, student_example,
+                           teacher_inputs)
+from kava.capture import decoder_layers, forward_kv
+from kava.distill import compared_pairs, student_forward
+from kava.errors import KavaError
+from kava.losses import masked_cosine
+from kava.projector import ridge_solution
+
+
+def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_size, key_space,
+                    time_alignment):
+    """(student KV per layer, batch) over `rows` in batches: the student's KV without gradients
+    and each teacher's stored KV of `layers[teacher]` aligned to the student's tokens."""
+    device = next(student.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        students = [student_example(tokenizer, row, max_length)
+                    for row in rows[start:start + batch_size]]
+        positions = {name: store_positions(store, [s["id"] for s in students], name)
+                     for name, store in stores.items()}
+        teachers = teacher_inputs(stores, positions, range(len(students)), layers)
+        batch = collate(students, teachers, pad_id(tokenizer), time_alignment).to(device)
+        with torch.no_grad():
+            _, student_kv = student_forward(student, batch, key_space)
+        yield student_kv, batch
+
+
+@torch.no_grad()
+def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size,
+              key_space="pre_rope", time_alignment="auto"):
+    """Raw held-out KV cosine of a trained student and its projectors on `rows` (e.g. the test
+    split) against the teachers' stored KV, compared as in training (one side projected): mean
+    over valid tokens, heads, and K and V.
+
+    stores: {teacher: KVStore}. Returns {"overall", "per_teacher": {t: float},
+    "per_layer": {t: [float per student layer]}}, the shape kava.evaluate.eval_record takes."""
+    sums = {name: torch.zeros(len(decoder_layers(student)), dtype=torch.float64)
+            for name in projectors}
+    counts = dict.fromkeys(projectors, 0)
+    layers = {name: sorted(set(projector.layer_map)) for name, projector in projectors.items()}
+    for student_kv, batch in aligned_batches(student, {n: stores[n] for n in projectors}, layers,
+                                             rows, tokenizer, max_length, batch_size, key_space,
+                                             time_alignment):
+        for name, projector in projectors.items():
+            targets = batch.teachers[name]
+            n_valid = int(targets.mask.sum())
+            pred, target = compared_pairs(projector, student_kv, targets.kv)
+            for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred, target)):
+                cos = (masked_cosine(pk, tk, targets.mask) + masked_cosine(pv, tv, targets.mask)) / 2
+                sums[name][layer] += float(cos) * n_valid
+            counts[name] += n_valid
+    per_layer = {name: (sums[name] / max(counts[name], 1)).tolist() for name in projectors}
+    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
+    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
+            "per_layer": per_layer}
+
+
+def _probe_data(student, stores, layer_maps, rows, tokenizer, max_length, batch_size, key_space,
+                time_alignment):
+    """{teacher: {(student layer, 0 for K / 1 for V): (student `[N, Hs·Ds]`, teacher `[N, Ht·Dt]`)}}
+    over the valid tokens of `rows`."""
+    layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
+    chunks = {name: {} for name in stores}
+    for student_kv, batch in aligned_batches(student, stores, layers, rows, tokenizer, max_length,
+                                             batch_size, key_space, time_alignment):
+        for name, mapping in layer_maps.items():
+            targets = batch.teachers[name]
+            for layer, teacher_layer in enumerate(mapping):
+                for which in (0, 1):
+                    x = student_kv[layer][which][targets.mask].flatten(1).float().cpu()
+                    y = targets.kv[teacher_layer][which][targets.mask].flatten(1).float().cpu()
+                    chunks[name].setdefault((layer, which), []).append((x, y))
+    return {name: {key: (torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]))
+                   for key, parts in per_teacher.items()}
+            for name, per_teacher in chunks.items()}
+
+
+def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows, test_rows,
+                max_length, batch_size, ridge, key_space="pre_rope", time_alignment="auto"):
+    """Held-out R² of a ridge probe from the student's KV to each teacher's (module docstring),
+    per teacher and student layer, the mean of K and V. layer_maps: {teacher: [teacher layer per
+    student layer]}. Returns {"overall", "per_teacher", "per_layer"} like kv_cosine."""
+    args = (max_length, batch_size, key_space, time_alignment)
+    fit = _probe_data(student, train_stores, layer_maps, train_rows, tokenizer, *args)
+    held_out = _probe_data(student, test_stores, layer_maps, test_rows, tokenizer, *args)
+    per_layer = {}
+    for name, mapping in layer_maps.items():
+        scores = []
+        for layer in range(len(mapping)):
+            r2 = []
+            for which in (0, 1):
+                (x, y), (x_test, y_test) = fit[name][(layer, which)], held_out[name][(layer, which)]
+                if len(x) < 2 or len(x_test) < 1:
+                    raise KavaError(f"kv probe of teacher {name}: too few aligned tokens "
+                                    f"({len(x)} train, {len(x_test)} test)")
+                weight, bias = ridge_solution(x, y, ridge)
+                sse = (y_test - x_test @ weight.T - bias).double().square().sum()
+                baseline = (y_test - y.mean(0)).double().square().sum()
+                r2.append(float(1 - sse / baseline.clamp_min(1e-30)))
+            scores.append(sum(r2) / 2)
+        per_layer[name] = scores
+    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
+    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
+            "per_layer": per_layer}
+
+
+@torch.no_grad()
+def cka_layer_maps(student, tokenizer, stores, rows, max_length, time_alignment="auto"):
+    """Per teacher, the stored teacher layer whose K has the highest linear CKA with each
+    student layer's K (in the stores' key space, heads flattened), over the aligned tokens of
+    `rows`.
+
+    Returns {teacher: {"layer_map": [...], "teacher_layers": [...], "scores": [[...]]}}."""
+    layers = range(len(decoder_layers(student)))
+    device = next(student.parameters()).device
+    students = [student_example(tokenizer, row, max_length) for row in rows]
+    student_feats = {i: [] for i in layers}
+    key_spaces = sorted({store.manifest["key_space"] for store in stores.values()})
+    if len(key_spaces) != 1:
+        raise KavaError(f"the teachers' KV stores mix key spaces {key_spaces}")
+    for s in students:
+        ids = s["input_ids"][None].to(device)
+        kv = forward_kv(student, ids, torch.ones_like(ids), layers, key_spaces[0])
+        for i in layers:
+            student_feats[i].append(kv[i][0][0].flatten(1).float().cpu())
+    maps = {}
+    for name, store in stores.items():
+        stored = sorted(store.layers)
+        s_feats = {i: [] for i in layers}
+        t_feats = {layer: [] for layer in stored}
+        positions = store_positions(store, [s["id"] for s in students], name)
+        for index, s in enumerate(students):
+            if positions[index] is None:
+                continue
+            aligned, valid = align_teacher(s, store.example(positions[index]), stored,
+                                           time_alignment)
+            for i in layers:
+                s_feats[i].append(student_feats[i][index][valid])
+            for layer in stored:
+                t_feats[layer].append(aligned[layer][0][valid].flatten(1))
+        picks, scores = cka_layer_map([torch.cat(s_feats[i]) for i in layers],
+                                      [torch.cat(t_feats[layer]) for layer in stored])
+        maps[name] = {"layer_map": [stored[p] for p in picks], "teacher_layers": stored,
+                      "scores": scores.tolist()}
+    return maps
