@@ -1,8 +1,9 @@
 """One training step with the teachers run online (the earlier SEED design) against one from
 the teachers' stored KV, on the same student, teachers and batch.
 
-Both steps are kava's own: the same Distiller forward/backward (CE + KV loss), AdamW step and
-alignment; they differ only in where the teacher K/V come from:
+Both steps are kava's own: the training recipe's setup (kava.train.setup_data, setup_model) and
+its kava.train.train_step (CE + KV loss, clipping, AdamW and LR step); they differ only in where
+the teacher K/V come from:
 - online: every step tokenises the batch with each teacher's tokenizer and runs the teacher's
   decoder body (inference_mode, no lm_head, the precompute compute dtype) for its K/V;
 - cached: every step reads the same K/V from a KV store written beforehand by
@@ -29,19 +30,19 @@ import torch
 import yaml
 
 from bench.common import PROJECT, bench_rows, emit, machine, parser, teacher_cards
-from kava.align import ratio_layer_map
-from kava.batching import collate, student_example
+from kava.align import auto_layer_map, pruned_from
+from kava.batching import collate, pad_id
 from kava.capture import forward_kv
 from kava.config import arm_configs
 from kava.dims import detect_dims
-from kava.distill import Distiller, build_projectors, teacher_weights
 from kava.environment import detect_device, detect_precision
 from kava.io import read_json, write_json
-from kava.kvstore import KVStore, build_manifest
+from kava.kvstore import build_manifest
 from kava.models import load_model, load_tokenizer, materialize
 from kava.paths import run_paths
 from kava.precompute import compute_dtype, precompute_shard, tokenizer_identity
-from kava.train import PRECISIONS, build_optimizer
+from kava.train import (PRECISIONS, setup_data, setup_model, setup_optimizer, setup_scheduler,
+                        step_batches, train_step)
 
 SCHEMA = PROJECT / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -83,7 +84,9 @@ def prepare_world(args, workdir):
         model = load_model(card, dtype=dtype)
         tokenizer = load_tokenizer(card["dir"])
         dims = detect_dims(model, tokenizer, name)
-        layers = sorted(set(ratio_layer_map(world["student_dims"]["num_layers"], dims["num_layers"])))
+        mapping, _ = auto_layer_map(world["student_dims"]["num_layers"], dims["num_layers"], name,
+                                    pruned_from(student))
+        layers = sorted(set(mapping))
         shard = Path(workdir) / "kv" / name / "shard-00000.safetensors"
         shard.parent.mkdir(parents=True)
         identity = {"teacher": name, "weights_sha256": card["weights_sha256"],
@@ -109,7 +112,7 @@ def online_teacher_examples(model, tokenizer, rows, layers, max_length, device):
     encoded = tokenizer([row["text"] for row in rows], return_offsets_mapping=True,
                         truncation=True, max_length=max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    ids = torch.full((len(rows), max(lengths)), tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids = torch.full((len(rows), max(lengths)), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row_ids in enumerate(encoded["input_ids"]):
         ids[i, :len(row_ids)] = torch.tensor(row_ids)
@@ -126,63 +129,51 @@ def run_side(mode, workdir, args):
     """One side's steps in this process: {"step_s": [...], "peak_mb": ...}."""
     torch.set_num_threads(args.threads)
     world = read_json(Path(workdir) / "world.json")
-    cfg = default_train_config()
+    cfg = {**default_train_config(), "effective_batch": args.batch}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = detect_precision(detect_device())
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision],
                               enabled=PRECISIONS[precision] is not None)
-    tokenizer = load_tokenizer(world["student"]["dir"])
-    students = [student_example(tokenizer, row, args.max_length) for row in world["rows"]]
-    student = load_model(world["student"], torch.float32, device).train()
-    sdims = world["student_dims"]
-    teachers = world["teachers"]
-    layer_maps = {name: ratio_layer_map(sdims["num_layers"], t["dims"]["num_layers"])
-                  for name, t in teachers.items()}
-    projectors = build_projectors(
-        layer_maps, {name: (t["dims"]["num_kv_heads"], t["dims"]["head_dim"])
-                     for name, t in teachers.items()},
-        (sdims["num_kv_heads"], sdims["head_dim"]), cfg["projector"], cfg["projector_hidden"])
-    weights = teacher_weights(sdims["num_layers"], list(teachers), "fixed", None)
-    distiller = Distiller(student, projectors, weights, cfg).to(device)
-    optimizer = build_optimizer(distiller, cfg)
+    teachers = [{"card": t["card"], "dims": t["dims"], "manifest": t["manifest"]}
+                for t in world["teachers"].values()]
+    data = setup_data(cfg, 0, world["student"], world["student_dims"], teachers, world["rows"],
+                      args.max_length)
+    distiller = setup_model(cfg, data, world["student"], world["student_dims"], teachers, device)
+    optimizer = setup_optimizer(cfg, distiller)
+    scheduler = setup_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     if mode == "online":
         models = {name: (load_model(t["card"], compute_dtype("auto")[1], device),
-                         load_tokenizer(t["card"]["dir"])) for name, t in teachers.items()}
-    else:
-        stores = {name: KVStore(t["manifest"]) for name, t in teachers.items()}
+                          load_tokenizer(t["card"]["dir"])) for name, t in world["teachers"].items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
+    def step(number):
+        batches, ce_items, kv_items = step_batches(data, cfg, 0, number, 0, 1, args.batch)
         if mode == "online":
             inputs = {name: (online_teacher_examples(*models[name], world["rows"], t["layers"],
                                                      args.max_length, device),
                              t["layers"], (t["dims"]["num_kv_heads"], t["dims"]["head_dim"]))
-                      for name, t in teachers.items()}
-        else:
-            inputs = {name: ([stores[name].example(i) for i in range(len(students))], t["layers"],
-                             stores[name].kv_shape) for name, t in teachers.items()}
-        batch = collate(students, inputs, tokenizer.pad_token_id or 0).to(device)
-        ce_items = batch.ce_tokens
-        kv_items = {name: int(targets.mask.sum()) for name, targets in batch.teachers.items()}
-        with autocast:
-            loss, _ = distiller(batch, ce_items, kv_items, 1)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                      for name, t in world["teachers"].items()}
+            batches = [collate(data.students, inputs, pad_id(data.tokenizer), data.alignment)]
+            ce_items = sum(data.ce_valid)
+            kv_items = {name: int(targets.mask.sum())
+                        for name, targets in batches[0].teachers.items()}
+        train_step(distiller, distiller, batches, ce_items, kv_items, optimizer, scheduler,
+                   scaler, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: first-call allocations and lazy shard verification
+    step(1)  # warm-up: first-call allocations and lazy shard verification
     times = []
-    for _ in range(args.steps):
+    for number in range(2, args.steps + 2):
         start = time.perf_counter()
-        step()
+        step(number)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"step_s": times, "peak_mb": round(peak, 1),
-            "tokens": int(sum(len(s["input_ids"]) for s in students))}
+            "tokens": int(sum(len(s["input_ids"]) for s in data.students))}
 
 
 def main():

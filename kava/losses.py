@@ -45,21 +45,15 @@ def _cosine(p, s, p_norm, s_norm):
     return (p * s).sum(dim=-1) / (p_norm * s_norm)
 
 
-def masked_std(x, mask):
-    """Population std of `x` over its valid tokens (all heads and dims), detached: a scale for
-    kv_loss(std=...), computed per layer, not a path for gradients."""
-    return x[mask].detach().float().std(correction=0)
-
-
 def kv_loss(pred, target, mask, kind, alpha=1.0, beta=0.01, std=None):
     """Scalar loss between two `[B, T, H, D]` KV tensors of one layer over the valid tokens.
 
     mercator: alpha·(1 − cos) + beta·(log‖pred‖ − log‖target‖)² per token and head (direction
         plus relative scale; alpha and beta are used by this kind only).
     mse, smooth_l1: per element, averaged over valid tokens, heads and head_dim.
-    std: if given (e.g. masked_std(target, mask), as KaVa/CODI do), both sides are divided by it
-        first, so the loss is in units of the target's spread. Mercator is scale-free, so for it
-        this changes nothing."""
+    std: if given (a fixed scale: the teacher's own K or V std at that layer, as KaVa/CODI
+        normalise), both sides are divided by it first, so the loss is in units of the target's
+        spread. Mercator is scale-free, so for it this changes nothing."""
     if kind not in KV_LOSSES:
         raise KavaError(f"unknown kv loss {kind!r}; choose one of {', '.join(KV_LOSSES)}")
     p, s = _valid(pred, target, mask)

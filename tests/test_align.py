@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from kava.align import (auto_layer_map, cka_layer_map, explicit_layer_map, interpolate_alignment,
-                        linear_cka, pruned_from, ratio_layer_map, span_alignment)
+from kava.align import (auto_layer_map, causal_span_alignment, cka_layer_map, explicit_layer_map,
+                        interpolate_alignment, linear_cka, position_alignment, pruned_from,
+                        ratio_layer_map, span_alignment)
 from kava.errors import KavaError
 
 
@@ -220,3 +221,24 @@ def test_aligned_teacher_kv_averages_the_split_tokens():
     weights, _ = span_alignment([[0, 4]], [[0, 2], [2, 4]])
     aligned = torch.einsum("st,thd->shd", weights, teacher_kv)
     torch.testing.assert_close(aligned[0], teacher_kv.mean(dim=0))
+
+
+def test_causal_span_alignment_reads_no_teacher_token_that_saw_further():
+    # Text "abcdef": student tokens "ab", "cdef"; teacher tokens "a", "bcd", "ef".
+    student = [[0, 2], [2, 6]]
+    teacher = [[0, 1], [1, 4], [4, 6]]
+    weights, valid = causal_span_alignment(student, teacher)
+    # "ab": the only teacher token ending inside it is "a" ("bcd" has read up to d).
+    # "cdef": "bcd" and "ef" end inside it; the last, "ef", has read exactly its text.
+    assert weights.tolist() == [[1, 0, 0], [0, 0, 1]] and valid.tolist() == [True, True]
+    overlap, _ = span_alignment(student, teacher)
+    assert overlap[0, 1] > 0  # plain overlap would let "ab" read "bcd"
+    # A student token that no teacher token ends inside has no target.
+    weights, valid = causal_span_alignment([[0, 1], [1, 6]], [[0, 6]])
+    assert valid.tolist() == [False, True] and weights[0].sum() == 0
+
+
+def test_position_alignment_pairs_token_i_with_token_i():
+    weights, valid = position_alignment(4, 2)
+    assert weights.tolist() == [[1, 0], [0, 1], [0, 0], [0, 0]]
+    assert valid.tolist() == [True, True, False, False]

@@ -22,7 +22,7 @@ from kava.capture import forward_kv
 from kava.config import arm_configs
 from kava.data import PROMPT_TEMPLATE, rows_sha256, write_split
 from kava.dims import detect_dims
-from kava.distill import layer_map, student_forward
+from kava.distill import layer_map, layer_scores, student_forward, teacher_kv_std
 from kava.kvfit import cka_layer_maps, kv_cosine
 from kava.errors import KavaError
 from kava.io import write_json
@@ -30,7 +30,7 @@ from kava.kvstore import KVStore
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import KVProjector, load_projectors, save_projectors
 from kava.synthetic import generate
-from kava.train import train
+from kava.train import derangement, lr_factor, setup_data, train
 from test_kvstore import build_store
 
 MAX_LENGTH = 256
@@ -608,3 +608,86 @@ def test_a_job_given_two_gpus_runs_under_torchrun(tmp_path):
     single = smoke_dry_run(tmp_path, three_arms)
     commands = [line for line in single.stdout.splitlines() if "stages.train" in line]
     assert len(commands) == 3 and all("python -m stages.train" in line for line in commands)
+
+
+# ---- issue 8: targets that cannot be gamed, and the controls ------------------------------------
+
+def test_layer_map_auto_on_a_derived_student(world, tmp_path):
+    """A student pruned from the llama teacher maps to the layers it kept (and starts as an exact
+    copy of the teacher's first layer); the cross-tokenizer teacher falls back to ratio."""
+    llama = world["teachers"][0]
+    keep = [0, 2, 3]
+    card = materialize("derived", {"derive": {"base": llama["card"]["name"], "keep_layers": keep}},
+                       tmp_path / "derived", llama["card"])
+    derived_world = {**world, "student": card, "student_dims": dims_of(card)}
+    out = run(derived_world, tmp_path / "run", train_config(steps=1, effective_batch=4))
+    teachers = json.loads(out["summary"].read_text())["teachers"]
+    name, other = llama["card"]["name"], world["teachers"][1]["card"]["name"]
+    assert teachers[name]["layer_map"] == keep and "pruned" in teachers[name]["layer_map_reason"]
+    assert teachers[name]["projector"] == "identity"
+    assert teachers[other]["layer_map"] == [0, 2, 3] and "ratio" in teachers[other]["layer_map_reason"]
+    assert teachers[other]["projector"] == "ridge"
+    first = metrics(out["metrics"])[0]
+    # Layer 0 is the teacher's layer 0 on the same tokens: same K and V (store in bf16).
+    assert first[f"cos/{name}/0"] == pytest.approx(1, abs=1e-3)
+    assert first[f"cos/{name}/2"] < 0.999  # deeper layers saw other inputs
+
+
+def test_teacher_std_is_the_stores_own_spread(world):
+    store = KVStore(world["teachers"][0]["manifest"])
+    stds = teacher_kv_std(store, [0, 3], max_examples=5)
+    for layer in (0, 3):
+        for which, key in enumerate("kv"):
+            values = torch.cat([store.example(i)[key][layer].double().flatten() for i in range(5)])
+            assert stds[layer][which] == pytest.approx(float(values.std(correction=0)), rel=1e-6)
+
+
+def test_std_normalised_loss_is_in_units_of_the_teachers_spread():
+    torch.manual_seed(0)
+    target = [(torch.randn(2, 5, 3, 4) * 3, torch.randn(2, 5, 3, 4) * 0.5)]
+    pred = [(t + torch.randn_like(t), v + torch.randn_like(v)) for t, v in target]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    std = torch.tensor([[3.0, 0.5]])
+    cfg = {"kv_std_norm": True, "kv_loss": "mse", "kv_alpha": 1.0, "kv_beta": 0.0}
+    losses, _ = layer_scores(pred, target, mask, cfg, std)
+    (pk, pv), (tk, tv) = pred[0], target[0]
+    expected = (((pk - tk) / 3).square().mean() + ((pv - tv) / 0.5).square().mean()) / 2
+    assert float(losses[0]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_ridge_projector_is_fitted_before_the_first_step(world, self_teacher, tmp_path):
+    """Fitted in closed form to the student's own KV, the ridge map starts near the identity:
+    the first step's KV loss is near 0, where an unfitted dense map would be far off."""
+    cfg = train_config(steps=1, effective_batch=4, projector="ridge")
+    first = metrics(run(world, tmp_path, cfg, teachers=[self_teacher])["metrics"])[0]
+    name = self_teacher["card"]["name"]
+    assert first[f"cos/{name}"] > 0.99 and first[f"kv/{name}"] < 0.05
+
+
+def test_post_rope_keys_across_tokenizers_are_refused(world, tmp_path):
+    gemma = world["teachers"][1]
+    manifest = build_store(gemma["card"], world["rows"], tmp_path / "post", max_length=MAX_LENGTH,
+                           key_space="post_rope")
+    with pytest.raises(KavaError, match=r"tokenises the text differently.*post_rope"):
+        run(world, tmp_path / "run", train_config(steps=1, effective_batch=4),
+            teachers=[{**gemma, "manifest": manifest}])
+
+
+def test_shuffled_arm_pairs_every_example_with_another_examples_kv(world):
+    partner = derangement(16, seed=3)
+    assert sorted(partner) == list(range(16)) and all(p != i for i, p in enumerate(partner))
+    assert derangement(16, seed=4) != partner
+    cfg = train_config(kv_shuffled=True)
+    data = setup_data(cfg, 3, world["student"], world["student_dims"], world["teachers"],
+                      world["rows"], MAX_LENGTH)
+    assert data.partner == partner and data.alignment == "position"
+    for name, store in data.stores.items():
+        own = [store.index_of(row["id"]) for row in world["rows"]]
+        assert data.positions[name] == [own[p] for p in partner]
+        assert all(data.positions[name][i] != own[i] for i in range(16))
+
+
+def test_warmup_does_not_waste_the_first_step():
+    factors = [lr_factor(step, warmup=3, steps=10) for step in range(10)]
+    assert factors[0] == pytest.approx(0.25) and factors[:4] == sorted(factors[:4])
+    assert factors[3] == 1 and all(0 < f <= 1 for f in factors)
