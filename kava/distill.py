@@ -253,3 +253,35 @@ def teacher_weights(n_layers, teachers, mode, weights):
                             f"{', '.join(missing)}")
         weights = [float(weights[t]) for t in teachers]
     return TeacherWeights(n_layers, len(teachers), mode, weights)
+
+
+def gradient_alignment(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
+    """{term: cosine} between the student's gradient of each loss term on `batch` ("ce", and
+    "kv/<teacher>" for every teacher, whether or not the arm trains on it) and the gradient of
+    the answer CE on `held_out` examples that training never sees. A term whose gradient points
+    along the held-out CE gradient (cosine > 0) helps generalisation at this point; one near 0
+    or below does not. Gradients only: nothing is accumulated into .grad, no state changes."""
+    params = [p for p in distiller.student.parameters() if p.requires_grad]
+
+    def flat_grad(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                          for p, g in zip(params, grads)])
+
+    outputs, student_kv = student_forward(distiller.student, batch, distiller.key_space, ce_items)
+    terms = {"ce": outputs.loss}
+    for t, name in enumerate(distiller.teachers):
+        targets = batch.teachers[name]
+        pred, target = compared_pairs(distiller.projectors[name], student_kv, targets.kv)
+        share = targets.mask.sum() / max(int(kv_items[name]), 1)
+        losses, _ = layer_scores(pred, target, targets.mask, distiller.loss_cfg,
+                                 distiller.teacher_std[t])
+        terms[f"kv/{name}"] = losses.mean() * share
+    reference = flat_grad(student_forward(distiller.student, held_out, distiller.key_space,
+                                          held_out_ce_items)[0].loss)
+    alignment = {}
+    for term, loss in terms.items():
+        grad = flat_grad(loss)
+        alignment[term] = float(grad @ reference
+                                / (grad.norm() * reference.norm()).clamp_min(1e-30))
+    return alignment

@@ -639,6 +639,22 @@ def _training_rows(metrics):
     return rows
 
 
+def _alignment_rows(metrics):
+    """Per arm, each loss term's mean gradient alignment (align/<term>) over seeds and logged
+    steps; no rows when no run logged the diagnostic."""
+    rows = []
+    for arm, runs in metrics.items():
+        values = {}
+        for steps in _seeded(runs).values():
+            for step in steps:
+                for key, value in step.items():
+                    if key.startswith("align/"):
+                        values.setdefault(key.removeprefix("align/"), []).append(value)
+        rows += [[arm, term, f"{np.mean(v):+.3f}", f"{np.min(v):+.3f} … {np.max(v):+.3f}",
+                  len(v)] for term, v in values.items()]
+    return rows
+
+
 def _facts_section(facts, metrics):
     blocks = _key_values("Environment", facts.get("env"))
     blocks += _key_values("Data", facts.get("data"))
@@ -668,6 +684,16 @@ def _facts_section(facts, metrics):
         blocks.append({"kind": "table", "header": ["arm", "seed", "steps", "final loss", "final CE",
                                                    "median tokens/s", "elapsed (s)"],
                        "rows": _training_rows(metrics)})
+        alignment = _alignment_rows(metrics)
+        if alignment:
+            blocks.append({"kind": "heading", "text": "Gradient alignment (train.diagnose_every)"})
+            blocks.append({"kind": "text", "text": (
+                "Cosine between each loss term's gradient on the student and the answer-CE "
+                "gradient on train rows held out of training. Above 0: the term pushes the "
+                "student where the held-out answers want it to go; near 0 or below: it does not "
+                "help at that point.")})
+            blocks.append({"kind": "table", "header": ["arm", "term", "mean cosine", "range",
+                                                       "measurements"], "rows": alignment})
     benchmarks = facts.get("benchmarks") or {}
     if benchmarks:
         rows = []

@@ -44,8 +44,8 @@ from tqdm import tqdm
 from kava.align import pruned_from
 from kava.batching import (collate, example_order, pad_id, store_positions, student_example,
                            teacher_inputs, time_alignment)
-from kava.distill import (Distiller, build_projectors, fit_ridge_projectors, layer_map,
-                          teacher_kv_std, teacher_weights)
+from kava.distill import (Distiller, build_projectors, fit_ridge_projectors,
+                          gradient_alignment, layer_map, teacher_kv_std, teacher_weights)
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
 from kava.models import load_model as load_hf_model
@@ -158,6 +158,7 @@ class TrainData:
     kv_valid: dict            # {teacher: aligned student tokens per example}
     kv_lost: dict             # {teacher: student tokens no teacher token covers}
     partner: list = None      # kv_shuffled: the example whose KV each example reads
+    held_out: object = None   # diagnose_every: a batch of train rows kept out of training
 
     @property
     def used_layers(self):
@@ -194,6 +195,14 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
     the time alignment; checks that they fit together."""
     tokenizer = load_tokenizer(student_card["dir"])
     students = [student_example(tokenizer, row, max_length) for row in rows]
+    held_out = None
+    if cfg["diagnose_every"]:
+        # The gradient-alignment diagnostic's reference: rows training never sees.
+        if len(students) <= cfg["diagnose_examples"]:
+            raise KavaError(f"train.diagnose_examples {cfg['diagnose_examples']} leaves no train "
+                            f"example of {len(students)} to train on")
+        held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer))
+        students = students[:-cfg["diagnose_examples"]]
     stores = open_stores(teachers)
     key_space = next(iter(stores.values())).manifest["key_space"]
     partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
@@ -239,7 +248,7 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                         f"{max_length} student tokens: the answer CE would be empty; raise "
                         f"data.max_length")
     return TrainData(tokenizer, students, stores, positions, layer_maps, reasons, alignment,
-                     key_space, ce_valid, kv_valid, kv_lost, partner)
+                     key_space, ce_valid, kv_valid, kv_lost, partner, held_out)
 
 
 def step_batches(data, cfg, seed, step, rank, world, micro):
@@ -533,8 +542,11 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
         while step < cfg["steps"]:
             step += 1
             step_start = time.perf_counter()
-            # One optimiser step over this step's examples.
+            # One optimiser step over this step's examples (diagnosed first, every so often).
             batches, ce_items, kv_items = step_batches(data, cfg, seed, step, rank, world, micro)
+            alignment = {}
+            if rank == 0 and cfg["diagnose_every"] and step % cfg["diagnose_every"] == 0:
+                alignment = diagnose(distiller, batches[0], data.held_out)
             try:
                 result, stopping = train_step(model, distiller, batches, ce_items, kv_items,
                                               optimizer, scheduler, scaler, autocast, stop, world)
@@ -546,7 +558,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
             if rank == 0:
                 line = _metrics_line(step, result, list(data.stores), now - step_start,
                                      elapsed_before + now - t0,
-                                     cfg["teacher_weighting"] == "learned")
+                                     cfg["teacher_weighting"] == "learned", alignment)
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
                 progress.set_postfix(loss=f"{result['loss']:.3f}", ce=f"{result['ce']:.3f}")
@@ -621,7 +633,19 @@ def _kept(checkpoint_dir, last_checkpoint):
     return f"The last good checkpoint (step {last_checkpoint}) is kept in {checkpoint_dir}."
 
 
-def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights):
+def diagnose(distiller, batch, held_out):
+    """kava.distill.gradient_alignment of one micro-batch against the held-out rows, as
+    metrics keys align/<term>."""
+    device = next(distiller.parameters()).device
+    batch, held_out = batch.to(device), held_out.to(device)
+    ce_items = int(batch.labels[:, 1:].ne(-100).sum())
+    kv_items = {name: int(t.mask.sum()) for name, t in batch.teachers.items()}
+    alignment = gradient_alignment(distiller, batch, ce_items, kv_items, held_out,
+                                   int(held_out.labels[:, 1:].ne(-100).sum()))
+    return {f"align/{term}": value for term, value in alignment.items()}
+
+
+def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, alignment):
     line = {"step": step, "loss": result["loss"], "ce": result["ce"]}
     kv_matrix, cos = result["kv"], result["cos"]
     for t, name in enumerate(teachers):
@@ -635,7 +659,7 @@ def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights):
     line.update({"l2_init": result["l2"], "lr": lrs[0], "lr_projector": lrs[-1],
                  "grad_norm": result["grad_norms"][0],
                  "grad_norm_projector": result["grad_norms"][1], "tokens": int(result["tokens"]),
-                 "tokens_per_s": result["tokens"] / step_s, "elapsed": elapsed})
+                 "tokens_per_s": result["tokens"] / step_s, "elapsed": elapsed, **alignment})
     return line
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kava.errors import KavaError
-from kava.losses import KV_LOSSES, TeacherWeights, kv_loss, masked_cosine, masked_std
+from kava.losses import KV_LOSSES, TeacherWeights, kv_loss, masked_cosine
 
 
 def _batch(seed=0, shape=(3, 7, 3, 64)):
@@ -21,7 +21,7 @@ def _batch(seed=0, shape=(3, 7, 3, 64)):
 @pytest.mark.parametrize("normalise", [False, True])
 def test_identical_inputs_give_zero(kind, normalise):
     _, target, mask = _batch()
-    std = masked_std(target, mask) if normalise else None
+    std = torch.tensor(1.7) if normalise else None  # a fixed scale, as the teacher's std is
     assert kv_loss(target.clone(), target, mask, kind, std=std).item() == pytest.approx(0, abs=1e-6)
 
 
@@ -87,13 +87,18 @@ def test_mse_and_smooth_l1_hand_values_and_std():
     assert kv_loss(target + 3, target, mask, "smooth_l1").item() == pytest.approx(2.5, rel=1e-6)
 
 
-def test_masked_std_uses_only_valid_tokens():
-    x = torch.zeros(1, 4, 1, 2)
-    x[0, :2] = torch.tensor([1.0, -1.0])
-    x[0, 2:] = 1000.0  # padding
-    mask = torch.tensor([[True, True, False, False]])
-    assert masked_std(x, mask).item() == pytest.approx(1.0)
-    assert not masked_std(x.requires_grad_(True), mask).requires_grad
+@pytest.mark.parametrize("std", [2.0, torch.tensor(2.0)])
+def test_std_divides_both_sides_by_a_fixed_scale(std):
+    """std is a fixed scale (the teacher's per-layer K or V std from its store): the loss is that
+    of pred/std against target/std, and mercator, being scale-free, ignores it."""
+    pred, target, mask = _batch()
+    for kind in ("mse", "smooth_l1"):
+        torch.testing.assert_close(kv_loss(pred, target, mask, kind, std=std),
+                                   kv_loss(pred / 2, target / 2, mask, kind))
+    assert kv_loss(pred, target, mask, "mse", std=std).item() == pytest.approx(
+        kv_loss(pred, target, mask, "mse").item() / 4, rel=1e-6)
+    torch.testing.assert_close(kv_loss(pred, target, mask, "mercator", std=std),
+                               kv_loss(pred, target, mask, "mercator"))
 
 
 def test_masked_cosine():

@@ -691,3 +691,21 @@ def test_warmup_does_not_waste_the_first_step():
     factors = [lr_factor(step, warmup=3, steps=10) for step in range(10)]
     assert factors[0] == pytest.approx(0.25) and factors[:4] == sorted(factors[:4])
     assert factors[3] == 1 and all(0 < f <= 1 for f in factors)
+
+
+def test_gradient_alignment_is_logged_and_leaves_training_unchanged(world, tmp_path):
+    """diagnose_every holds the last diagnose_examples rows out and logs align/<term> cosines;
+    the trained student equals one trained on the other rows without the diagnostic."""
+    cfg = dict(steps=2, effective_batch=4, micro_batch=4)
+    diagnosed = run(world, tmp_path / "diag",
+                    train_config(diagnose_every=1, diagnose_examples=4, **cfg))
+    plain = run({**world, "rows": world["rows"][:12]}, tmp_path / "plain", train_config(**cfg))
+    a, b = student_weights(diagnosed["student"]), student_weights(plain["student"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = metrics(diagnosed["metrics"])
+    names = [t["card"]["name"] for t in world["teachers"]]
+    for line in lines:
+        for term in ["ce", *(f"kv/{n}" for n in names)]:
+            assert -1 <= line[f"align/{term}"] <= 1
+    assert lines[0]["align/ce"] > 0  # train CE and held-out CE agree early on
+    assert json.loads(diagnosed["summary"].read_text())["examples"] == 12

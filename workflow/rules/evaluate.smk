@@ -12,8 +12,14 @@ EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop", "generate_examples
 def evaluated_models():
     """{name: the evaluate job's inputs besides the test data}."""
     named = [("init", {"card": card(config["student"])})]
-    if config["eval"]["teachers"]:
-        named += [(f"teacher-{t}", {"card": card(t)}) for t in config["teachers"]]
+    evaluated_teachers = config["eval"]["teachers"]
+    if evaluated_teachers is True:
+        evaluated_teachers = config["teachers"]
+    for teacher in evaluated_teachers or []:
+        if teacher not in config["teachers"]:
+            raise WorkflowError(f"kava: error: eval.teachers names '{teacher}', which is not a "
+                                f"teacher ({', '.join(config['teachers'])})")
+        named.append((f"teacher-{teacher}", {"card": card(teacher)}))
     for arm in ARMS:
         for seed in SEEDS:
             run = f"{RESULTS}/train/{arm}/seed{seed}"
