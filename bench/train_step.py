@@ -1,5 +1,5 @@
-"""One training step with the teachers run online (the earlier SEED design) against one from
-the teachers' stored KV, on the same student, teachers and batch.
+"""One training step with the teachers run online (the design of the user's earlier system)
+against one from the teachers' stored KV, on the same student, teachers and batch.
 
 Both steps are kava's own: the training recipe's setup (kava.train.setup_data, setup_model) and
 its kava.train.train_step (CE + KV loss, clipping, AdamW and LR step); they differ only in where

@@ -1,6 +1,6 @@
 """What a model's KV cache really looks like, from a real forward pass.
 
-The SEED system guessed KV widths from hidden_size and confused GQA with quantisation; here
+The user's earlier system guessed KV widths from hidden_size and confused GQA with quantisation; here
 every number comes from the tensors the model actually cached, and each way the declared
 config differs from them is spelled out.
 """
@@ -83,7 +83,7 @@ def detect_dims(model, tokenizer, name, probe_text=PROBE_TEXT):
         "vocab_size": model.config.vocab_size,
         "num_kv_heads": n_kv_heads,
         "head_dim": head_dim,
-        # Width of K (and equally of V) per layer; the total is what the SEED called
+        # Width of K (and equally of V) per layer; the total is what the earlier system called
         # 7168 for Qwen2.5-1.5B (28 layers x 2 KV heads x 128).
         "kv_dim_per_layer": kv_dim_per_layer,
         "kv_dim_total": kv_dim_per_layer * len(layers),

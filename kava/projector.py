@@ -61,7 +61,8 @@ class LinearKV(nn.Module):
 
 
 def mlp_kv(in_shape, out_shape, hidden):
-    """The SEED's "elastic bottleneck": all heads flattened, LayerNorm, Linear, SiLU, Linear."""
+    """The earlier system's "elastic bottleneck": all heads flattened, LayerNorm, Linear, SiLU,
+    Linear."""
     (h_t, d_t), (h_s, d_s) = in_shape, out_shape
     return nn.Sequential(
         nn.Flatten(start_dim=-2),
