@@ -1,5 +1,5 @@
-"""Honest GSM8K evaluation: answer extraction, greedy generation, teacher-forced answer NLL,
-paired bootstrap confidence intervals and the fraction of the teacher gap a student recovers.
+"""Honest GSM8K evaluation: answer extraction, greedy generation, teacher-forced answer NLL, and
+a trained student's held-out KV match (the statistics over these are kava.stats's).
 
 Everything here is deterministic given its inputs (greedy decoding, seeded bootstrap), so two
 evaluations of the same model on the same rows agree to the token.
@@ -7,7 +7,6 @@ evaluations of the same model on the same rows agree to the token.
 
 import hashlib
 import json
-import math
 import re
 
 import numpy as np
@@ -227,62 +226,6 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
                 nlls[i] = row_nll.mean().item()
             progress.update(len(batch))
     return nlls
-
-
-def bootstrap_ci(values, groups=None, n_boot=10000, alpha=0.05, seed=0):
-    """Mean of `values` with a percentile bootstrap CI that resamples groups (default: each value
-    its own group). With values concatenated over seeds and groups = example id, a resampled
-    example brings all its seeds, so the CI reflects the example sample, not seed count.
-
-    Returns dict(mean, ci=[lo, hi], p_value): p_value is the two-sided bootstrap p for mean = 0,
-    2 * min(P(boot <= 0), P(boot >= 0)) with the +1 correction so it is never exactly 0."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise KavaError(f"bootstrap needs a non-empty 1-D list of values, got shape {values.shape}")
-    groups = np.arange(values.size) if groups is None else np.asarray(groups)
-    if groups.shape != values.shape:
-        raise KavaError(f"{groups.size} group ids for {values.size} values")
-    _, group_index = np.unique(groups, return_inverse=True)
-    sums = np.bincount(group_index, weights=values)
-    counts = np.bincount(group_index).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_boot)
-    # Chunks keep the index matrix small (1319 GSM8K examples x 10k resamples would be ~100 MB).
-    chunk = max(1, 2_000_000 // sums.size)
-    for start in range(0, n_boot, chunk):
-        picks = rng.integers(0, sums.size, size=(min(chunk, n_boot - start), sums.size))
-        boot[start:start + len(picks)] = sums[picks].sum(1) / counts[picks].sum(1)
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    tail = min((boot <= 0).sum(), (boot >= 0).sum())
-    return {"mean": float(values.mean()), "ci": [float(lo), float(hi)],
-            "p_value": float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))}
-
-
-def paired_bootstrap_ci(a, b, n_boot=10000, alpha=0.05, seed=0, groups=None):
-    """mean(a) - mean(b) for paired per-example values (same examples, same order) with a
-    percentile bootstrap CI over examples (or over `groups`, see bootstrap_ci).
-
-    Returns dict(diff, ci=[lo, hi], p_value, significant): significant means the CI excludes 0."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise KavaError(f"paired values differ in length: {a.size} vs {b.size}")
-    result = bootstrap_ci(a - b, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed)
-    lo, hi = result["ci"]
-    return {"diff": result["mean"], "ci": [lo, hi], "p_value": result["p_value"],
-            "significant": bool(lo > 0 or hi < 0)}
-
-
-def gap_recovered(nll_init, nll_arm, nll_best_teacher):
-    """Fraction of the init -> best-teacher NLL gap the arm closes: (init - arm) / (init - teacher).
-    1 means teacher-level NLL, 0 no gain, negative worse than init.
-
-    When the best teacher is not better than init (gap <= 0, e.g. tiny random smoke models) there
-    is nothing to recover and the ratio would be meaningless or flip sign: returns None, which the
-    report shows as "n/a" with the two NLLs."""
-    gap = nll_init - nll_best_teacher
-    if not math.isfinite(gap) or gap <= 0:
-        return None
-    return (nll_init - nll_arm) / gap
 
 
 def tokenizer_fingerprint(tokenizer):

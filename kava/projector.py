@@ -172,6 +172,8 @@ class KVProjector(nn.Module):
     def set_ridge(self, student_layer, which, x, y, ridge):
         """Fit one layer's K or V map in closed form to source `x` `[N, *in_shape]` and target
         `y` `[N, *out_shape]` (ridge kind only)."""
+        if self.kind != "ridge":
+            raise KavaError(f"set_ridge fits a ridge projector; this one is {self.kind}")
         weight, bias = ridge_solution(x.flatten(1), y.flatten(1), ridge)
         dense = self.maps[f"{which}{student_layer}"].map
         dense.weight.copy_(weight)

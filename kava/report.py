@@ -551,6 +551,8 @@ def _ab_section(summary):
     noise = (f" Answer NLL is evaluated in fp32; the same NLL computed one example at a time "
              f"instead of in batches differs by at most {max(noises):.2g} nats/token on any "
              f"example, the evaluation's own numerical noise." if noises else "")
+    if not rows:
+        rows.append([NA, control, *[NA] * 7, "no arm besides the control"])
     reference = (f"the best teacher sharing the student's tokenizer, here {best['name']} "
                  f"(NLL {best['nll']:.4f})" if best else f"{NA}: {summary['gap_skipped']}")
     blocks = [

@@ -58,16 +58,21 @@ def bootstrap_ci(values, groups=None, n_boot=10000, alpha=0.05, seed=0):
     return _interval(boot, values.mean(), alpha)
 
 
-def _seed_example_draws(n_seeds, n_examples, n_boot, seed):
-    """Seed and example draw counts of a two-level resample, one row per bootstrap resample."""
+def _two_level_means(grids, n_boot, seed):
+    """For each `[S, E]` array of `grids`, its mean over the drawn seeds × drawn examples of
+    each of n_boot two-level resamples (the same draws for every array, so they stay paired),
+    in chunks that keep the draw matrices small."""
     rng = np.random.default_rng(seed)
-    return _draw_counts(rng, n_seeds, n_boot), _draw_counts(rng, n_examples, n_boot)
-
-
-def _grid_means(values, seed_draws, example_draws):
-    """Mean of `values` `[S, E]` over each resample's drawn seeds × drawn examples."""
-    weighted = seed_draws @ values  # [n_boot, E]
-    return (weighted * example_draws).sum(1) / (seed_draws.sum(1) * example_draws.sum(1))
+    n_seeds, n_examples = grids[0].shape
+    chunk = max(1, 2_000_000 // n_examples)
+    means = [np.empty(n_boot) for _ in grids]
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        seeds, examples = _draw_counts(rng, n_seeds, size), _draw_counts(rng, n_examples, size)
+        total = seeds.sum(1) * examples.sum(1)
+        for grid, out in zip(grids, means):
+            out[start:start + size] = ((seeds @ grid) * examples).sum(1) / total
+    return means
 
 
 def _check_grid(name, values):
@@ -84,8 +89,8 @@ def two_level_bootstrap(values, n_boot=10000, alpha=0.05, seed=0):
     Returns bootstrap_ci's dict plus n_seeds, n_examples and seed_variance: "estimated", or a
     sentence saying that one seed cannot estimate it (then the CI covers the examples only)."""
     values = _check_grid("two_level_bootstrap", values)
-    seeds, examples = _seed_example_draws(*values.shape, n_boot, seed)
-    result = _interval(_grid_means(values, seeds, examples), values.mean(), alpha)
+    (boot,) = _two_level_means([values], n_boot, seed)
+    result = _interval(boot, values.mean(), alpha)
     result.update(n_seeds=values.shape[0], n_examples=values.shape[1],
                   seed_variance="estimated" if values.shape[0] > 1 else
                   "not estimated: one training seed, so the CI covers the test examples only")
@@ -106,12 +111,12 @@ def gap_recovered(control, arm, teacher, n_boot=10000, alpha=0.05, seed=0):
     gap = control.mean() - teacher.mean()
     if not math.isfinite(gap) or gap <= 0:
         return None
-    seeds, examples = _seed_example_draws(*control.shape, n_boot, seed)
-    boot_gap = _grid_means(control - teacher[None], seeds, examples)
-    boot = _grid_means(control - arm, seeds, examples) / np.where(boot_gap > 0, boot_gap, np.nan)
-    boot = boot[np.isfinite(boot)]
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return {"mean": float((control.mean() - arm.mean()) / gap), "ci": [float(lo), float(hi)]}
+    closed, boot_gap = _two_level_means([control - arm, control - teacher[None]], n_boot, seed)
+    # A resample in which the teacher is no better than the control has no gap to recover.
+    boot = closed[boot_gap > 0] / boot_gap[boot_gap > 0]
+    ci = ([float(x) for x in np.quantile(boot, [alpha / 2, 1 - alpha / 2])] if boot.size
+          else [math.nan, math.nan])
+    return {"mean": float((control.mean() - arm.mean()) / gap), "ci": ci}
 
 
 def gap_recovered_from_init(nll_init, nll_arm, nll_teacher):

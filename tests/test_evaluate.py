@@ -1,5 +1,6 @@
 """kava.evaluate: answer extraction, grading, batched greedy generation, teacher-forced NLL,
-bootstrap CIs and input errors, on a tiny random Llama with a real byte-level BPE tokenizer."""
+the evaluation record and input errors, on a tiny random Llama with a real byte-level BPE
+tokenizer. (The bootstrap CIs moved to kava.stats: tests/test_stats.py.)"""
 
 import json
 
@@ -11,9 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from kava.errors import KavaError
-from kava.evaluate import (answer_nll, at_word_boundary, bootstrap_ci, eval_record,
-                           extract_answer, gap_recovered, generate_answers, grade, is_correct,
-                           paired_bootstrap_ci, prediction_lines, tokenizer_fingerprint)
+from kava.evaluate import (answer_nll, at_word_boundary, eval_record, extract_answer,
+                           generate_answers, grade, is_correct, prediction_lines,
+                           tokenizer_fingerprint)
 from kava.models import load_model, load_tokenizer
 
 GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
@@ -248,72 +249,45 @@ def test_answer_nll_rejects_bad_rows(model, tokenizer):
         answer_nll(model, tokenizer, PROMPTS[:2], [" 7", ""], batch_size=2)
 
 
-def test_paired_bootstrap_covers_known_difference():
-    rng = np.random.default_rng(1)
-    shared = rng.normal(0, 1, 400)  # per-example difficulty, cancels in the pairing
-    a = shared + 0.3 + rng.normal(0, 0.5, 400)
-    b = shared + rng.normal(0, 0.5, 400)
-    result = paired_bootstrap_ci(a, b, n_boot=4000)
-    lo, hi = result["ci"]
-    assert result["diff"] == pytest.approx(np.mean(a) - np.mean(b))
-    assert lo < 0.3 < hi and lo > 0
-    assert result["significant"] and result["p_value"] < 0.01
-    assert paired_bootstrap_ci(a, b, n_boot=4000) == result  # deterministic given seed
-    assert paired_bootstrap_ci(a, b, n_boot=4000, seed=1)["ci"] != result["ci"]
-
-
-def test_paired_bootstrap_zero_difference_includes_zero():
-    rng = np.random.default_rng(2)
-    shared = rng.normal(0, 1, 300)
-    a, b = shared + rng.normal(0, 0.5, 300), shared + rng.normal(0, 0.5, 300)
-    result = paired_bootstrap_ci(a, b, n_boot=4000)
-    lo, hi = result["ci"]
-    assert lo < 0 < hi
-    assert not result["significant"] and result["p_value"] > 0.05
-
-
-def test_bootstrap_groups_resample_whole_examples():
-    """Three seeds that nearly replicate each other carry about one seed's information: pooled
-    with groups = example id the CI is as wide as one seed's, not sqrt(3) narrower."""
-    rng = np.random.default_rng(3)
-    effect = rng.normal(0.1, 1, 200)
-    seeds = [effect + rng.normal(0, 0.01, 200) for _ in range(3)]
-    pooled, ids = np.concatenate(seeds), np.tile(np.arange(200), 3)
-    width = lambda r: r["ci"][1] - r["ci"][0]  # noqa: E731
-    one_seed = bootstrap_ci(seeds[0], n_boot=4000)
-    grouped = bootstrap_ci(pooled, groups=ids, n_boot=4000)
-    ungrouped = bootstrap_ci(pooled, n_boot=4000)
-    assert grouped["mean"] == pytest.approx(pooled.mean())
-    assert width(grouped) == pytest.approx(width(one_seed), rel=0.15)
-    assert width(ungrouped) < 0.7 * width(grouped)
-
-
-def test_bootstrap_rejects_bad_input():
-    with pytest.raises(KavaError, match="differ in length: 3 vs 2"):
-        paired_bootstrap_ci([1, 2, 3], [1, 2])
-    with pytest.raises(KavaError, match="non-empty"):
-        bootstrap_ci([])
-    with pytest.raises(KavaError, match="2 group ids for 3 values"):
-        bootstrap_ci([1, 2, 3], groups=[0, 1])
-
-
-def test_gap_recovered():
-    assert gap_recovered(2.0, 1.5, 1.0) == pytest.approx(0.5)
-    assert gap_recovered(2.0, 2.5, 1.0) == pytest.approx(-0.5)
-    assert gap_recovered(2.0, 1.5, 2.0) is None  # teacher no better than init: nothing to recover
-    assert gap_recovered(2.0, 1.5, 3.0) is None
+def _kv_scores(overall):
+    return {"overall": overall, "per_teacher": {"llama": overall},
+            "per_layer": {"llama": [overall, overall]}}
 
 
 def test_eval_record_shape():
     record = eval_record([10, 11, 12], ["#### 1", "#### 2", "3"], ["1", "5", "3"], [1.0, 2.0, 3.0])
     assert record["n"] == 3 and record["accuracy"] == pytest.approx(2 / 3) and record["nll"] == 2.0
     assert record["per_example"]["correct"] == [True, False, True]
-    assert record["kv_cosine"] is None
+    assert record["kv_cosine"] is None and record["kv_r2"] is None and record["tokenizer"] is None
     json.dumps(record)  # the stage writes it as JSON
     with pytest.raises(KavaError, match="ids repeat"):
         eval_record([1, 1], ["1", "2"], ["1", "2"], [0.1, 0.2])
-    with pytest.raises(KavaError, match="2 ids, 3 predictions and 3 NLLs differ"):
+    with pytest.raises(KavaError, match="2 ids, 3 predictions and 3 NLLs do not match"):
         eval_record([1, 2], ["1", "2", "3"], ["1", "2", "3"], [0.1, 0.2, 0.3])
+    with pytest.raises(KavaError, match="3 ids, 2 predictions and 2 NLLs do not match"):
+        eval_record([1, 2, 3], ["1", "2"], ["1", "2"], [0.1, 0.2])
+
+
+def test_eval_record_keeps_the_held_out_kv_cosine_and_r2_apart():
+    cosine, r2 = _kv_scores(0.8), _kv_scores(0.25)
+    record = eval_record(["a", "b"], ["#### 1", "#### 2"], ["1", "2"], [0.5, 1.5],
+                         kv={"cosine": cosine, "r2": r2}, tokenizer="sha")
+    assert record["kv_cosine"] == cosine and record["kv_r2"] == r2 and record["tokenizer"] == "sha"
+    assert json.loads(json.dumps(record))["kv_r2"]["per_layer"] == {"llama": [0.25, 0.25]}
+    with pytest.raises(KavaError, match=r"kv r2 keys \['overall', 'per_teacher'\], expected "
+                                        r"overall, per_layer, per_teacher"):
+        eval_record(["a"], ["#### 1"], ["1"], [0.5],
+                    kv={"cosine": cosine, "r2": {"overall": 0.1, "per_teacher": {}}})
+
+
+def test_eval_record_generated_for_the_first_examples_only():
+    """eval.generate_examples: NLL covers every example, accuracy the generated first ones."""
+    record = eval_record(["a", "b", "c", "d"], ["#### 1", "#### 0"], ["1", "2"],
+                         [1.0, 2.0, 3.0, 6.0])
+    assert record["n"] == 4 and record["nll"] == 3.0 and record["accuracy"] == 0.5
+    assert record["per_example"]["id"] == ["a", "b", "c", "d"]
+    assert record["per_example"]["correct"] == [True, False]
+    assert record["per_example"]["reference"] == ["1", "2"]
 
 
 def test_prediction_lines_are_readable_and_consistent():

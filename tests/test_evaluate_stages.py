@@ -1,5 +1,5 @@
 """The evaluate and report stages as Snakemake runs them (outputs, one-line errors on bad input),
-and the held-out KV cosine on setups whose answer is known by hand."""
+and the held-out KV fit (raw cosine, probe R²) on setups whose answer is known by hand."""
 
 import json
 import os
@@ -13,19 +13,20 @@ import torch
 from conftest import PROJECT
 from kava.data import usable_rows, write_split
 from kava.errors import KavaError
-from kava.evaluate import eval_record, heldout_kv_cosine
+from kava.evaluate import eval_record, heldout_kv
 from kava.models import load_model, load_tokenizer
-from kava.projector import KVProjector
+from kava.projector import KVProjector, save_projectors
 from kava.synthetic import generate
 from test_kvstore import build_store
 
-EVAL = {"max_new_tokens": 6, "batch_size": 8, "dtype": "fp32", "stop": ["\nQuestion:"]}
+EVAL = {"max_new_tokens": 6, "batch_size": 8, "dtype": "fp32", "generate_examples": None,
+        "probe_examples": 8, "probe_ridge": 1e-6, "stop": ["\nQuestion:"]}
 
 
-def prepared_rows(n):
-    """Prepared test rows (every column, the real prompt template), as data/test.parquet holds."""
-    records = ((f"row {i}", r) for i, r in enumerate(generate(n, 0, "test")))
-    return usable_rows(records, "test", "synthetic", "error")[0]
+def prepared_rows(n, split="test"):
+    """Prepared rows (every column, the real prompt template), as data/<split>.parquet holds."""
+    records = ((f"{split} row {i}", r) for i, r in enumerate(generate(n, 0, split)))
+    return usable_rows(records, split, "synthetic", "error")[0]
 
 
 def stage(name, *args):
@@ -34,10 +35,10 @@ def stage(name, *args):
                           env={**os.environ, "PYTHONPATH": str(PROJECT)})
 
 
-def evaluate(tmp_path, model_args, data):
+def evaluate(tmp_path, model_args, data, eval_cfg=EVAL):
     out = tmp_path / "eval"
     result = stage("evaluate", "--name", "m", *model_args, "--data", data,
-                   "--eval", json.dumps(EVAL), "--max-length", 256, "--out", out / "m.json",
+                   "--eval", json.dumps(eval_cfg), "--max-length", 256, "--out", out / "m.json",
                    "--predictions", out / "m" / "predictions.jsonl")
     return result, out
 
@@ -57,9 +58,11 @@ def test_evaluate_stage_on_a_split_smaller_than_the_batch(tiny_card, tmp_path):
     result, out = evaluate(tmp_path, ["--card", tmp_path / "card.json"], tmp_path / "test.parquet")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "m.json").read_text())
-    assert record["n"] == 3 and record["kv_cosine"] is None
+    assert record["n"] == 3 and record["kv_cosine"] is None and record["kv_r2"] is None
+    assert record["nll_noise"] is None  # measured for trained students only
     assert record["per_example"]["id"] == [row["id"] for row in rows]
     assert record["settings"]["dtype"] == "fp32" and record["model"]["name"] == card["name"]
+    assert record["settings"]["nll_dtype"] == "fp32"
     lines = [json.loads(line) for line in (out / "m" / "predictions.jsonl").read_text().splitlines()]
     assert [line["question"] for line in lines] == [row["question"] for row in rows]
     assert [line["reference"] for line in lines] == [row["final"] for row in rows]
@@ -106,57 +109,124 @@ def test_report_stage_refuses_empty_predictions(tmp_path):
     result = stage("report", "--evals", json.dumps({"init": str(tmp_path / "init.json"),
                                                     "teachers": {}, "arms": {}}),
                    "--metrics", "{}", "--report", json.dumps(
-                       {"treatment": "kv", "control": "ce", "n_boot": 100, "seed": 0}),
+                       {"control": "ce", "contrasts": [], "n_boot": 100, "seed": 0}),
                    *[str(x) for pair in outputs.items() for x in pair])
     assert "no evaluated examples (empty predictions)" in one_line_error(result)
     assert not any(path.exists() for path in outputs.values())
 
 
-# ---- held-out KV cosine, by hand -----------------------------------------------------------------
+# ---- held-out KV fit, by hand -----------------------------------------------------------------
+
+SHAPE = (2, 16)  # tiny llama: 2 KV heads of 64 / 4
+
 
 @pytest.fixture(scope="module")
 def self_store(tiny_card, tmp_path_factory):
-    """A tiny llama as its own teacher: its fp32 pre-RoPE KV of 5 test rows, stored."""
+    """A tiny llama as its own teacher: its fp32 pre-RoPE KV of 10 train rows and 5 test rows,
+    stored."""
     card = tiny_card("llama")
-    rows = prepared_rows(5)
-    manifest = build_store(card, rows, tmp_path_factory.mktemp("self"), per_shard=3, dtype="fp32",
-                           split="test")
-    return card, rows, manifest
+    folder = tmp_path_factory.mktemp("self")
+    splits = {}
+    for split, n in (("train", 10), ("test", 5)):
+        rows = prepared_rows(n, split)
+        splits[split] = rows, build_store(card, rows, folder / split, per_shard=3, dtype="fp32",
+                                          split=split)
+    return card, splits
 
 
-def cosine(card, rows, manifest, projector):
-    model, tokenizer = load_model(card), load_tokenizer(card["dir"])
-    info = {"key_space": "pre_rope", "config": {"time_alignment": "auto"},
-            "teachers": {card["name"]: {"identity": {"teacher": {
-                "weights_sha256": card["weights_sha256"]}}}}}
-    return heldout_kv_cosine(model, tokenizer, {card["name"]: projector}, info, [manifest], rows,
-                             max_length=1024, batch_size=2)
+def train_info(card):
+    """The parts of train.json the held-out measures read: key space, alignment, per teacher
+    the weights its KV came from and the layer map."""
+    return {"key_space": "pre_rope", "config": {"time_alignment": "auto"},
+            "teachers": {card["name"]: {
+                "identity": {"teacher": {"weights_sha256": card["weights_sha256"]}},
+                "layer_map": list(range(card["num_layers"]))}}}
 
 
-def test_heldout_cosine_is_one_when_the_student_is_its_teacher(self_store):
-    card, rows, manifest = self_store
-    shape = (2, 16)  # tiny llama: 2 KV heads of 64 / 4
+def heldout(student_card, teacher_card, splits, projector, ridge=1e-6):
+    model, tokenizer = load_model(student_card), load_tokenizer(student_card["dir"])
+    (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
+    return heldout_kv(model, tokenizer, {teacher_card["name"]: projector}, train_info(teacher_card),
+                      [train_manifest], [test_manifest], train_rows, test_rows, max_length=1024,
+                      batch_size=2, probe_ridge=ridge)
+
+
+@pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])
+def test_heldout_kv_is_one_when_the_student_is_its_teacher(self_store, direction):
+    card, splits = self_store
     n = card["num_layers"]
-    result = cosine(card, rows, manifest, KVProjector(list(range(n)), shape, shape))  # identity
-    assert result["overall"] == pytest.approx(1, abs=1e-5)
-    assert result["per_layer"][card["name"]] == pytest.approx([1.0] * n, abs=1e-5)
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity", direction=direction)
+    result = heldout(card, card, splits, projector)
+    assert set(result) == {"cosine", "r2"}
+    for measure in ("cosine", "r2"):
+        scores = result[measure]
+        assert set(scores) == {"overall", "per_teacher", "per_layer"}
+        assert scores["overall"] == pytest.approx(1, abs=1e-4)
+        assert scores["per_teacher"] == {card["name"]: pytest.approx(1, abs=1e-4)}
+        assert scores["per_layer"][card["name"]] == pytest.approx([1.0] * n, abs=1e-4)
 
 
-def test_heldout_cosine_of_negated_keys_is_zero(self_store):
-    """K projected to −K (cosine −1) and V kept (cosine 1): the mean over K and V is 0."""
-    card, rows, manifest = self_store
-    shape, n = (2, 16), card["num_layers"]
-    projector = KVProjector(list(range(n)), shape, shape)
+def test_heldout_cosine_of_negated_keys_is_zero_and_the_probe_ignores_the_projector(self_store):
+    """K projected to −K (cosine −1) and V kept (cosine 1): the mean over K and V is 0. The probe
+    reads the student's own KV, not the projector's output, so its R² stays 1."""
+    card, splits = self_store
+    n = card["num_layers"]
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="linear",
+                            direction="teacher_to_student")
     with torch.no_grad():
         for layer in range(n):
             projector.maps[f"k{layer}"].dims.weight.neg_()
-    result = cosine(card, rows, manifest, projector)
-    assert result["per_layer"][card["name"]] == pytest.approx([0.0] * n, abs=1e-5)
+    result = heldout(card, card, splits, projector)
+    assert result["cosine"]["per_layer"][card["name"]] == pytest.approx([0.0] * n, abs=1e-5)
+    assert result["r2"]["per_layer"][card["name"]] == pytest.approx([1.0] * n, abs=1e-4)
 
 
-def test_heldout_cosine_refuses_a_store_of_other_weights(self_store):
-    card, rows, manifest = self_store
+def test_heldout_probe_r2_of_another_student_is_below_one(self_store, tiny_card):
+    """A student of other weights holds its teacher's KV less than exactly: R² falls below 1,
+    and a heavy ridge (which shrinks the probe towards the train mean) pulls it towards 0."""
+    card, splits = self_store
+    other = tiny_card("llama", seed=1)
+    n = card["num_layers"]
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity")
+    r2 = heldout(other, card, splits, projector)["r2"]
+    assert all(score < 0.99 for score in r2["per_layer"][card["name"]])
+    shrunk = heldout(other, card, splits, projector, ridge=1e6)["r2"]
+    assert shrunk["per_layer"][card["name"]] == pytest.approx([0.0] * n, abs=0.05)
+
+
+def test_heldout_kv_refuses_a_store_of_other_weights(self_store):
+    card, splits = self_store
     other = {**card, "weights_sha256": "0" * 64}
-    shape = (2, 16)
-    with pytest.raises(KavaError, match=f"manifest {manifest}: weights_sha256 is"):
-        cosine(other, rows, manifest, KVProjector(list(range(card["num_layers"])), shape, shape))
+    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="identity")
+    with pytest.raises(KavaError, match=f"manifest {splits['test'][1]}: weights_sha256 is"):
+        heldout(card, other, splits, projector)
+
+
+def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
+    """--model-dir with its projectors, train.json and both splits' stores: the record carries
+    the held-out raw cosine and probe R², and the NLL's batched-vs-single noise."""
+    card, splits = self_store
+    (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
+    write_split(train_rows, tmp_path / "train.parquet")
+    write_split(test_rows, tmp_path / "test.parquet")
+    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="identity",
+                            direction="student_to_teacher")
+    save_projectors({card["name"]: projector}, tmp_path / "projectors.safetensors")
+    (tmp_path / "train.json").write_text(json.dumps(train_info(card)))
+    result, out = evaluate(tmp_path, ["--model-dir", card["dir"],
+                                      "--projector", tmp_path / "projectors.safetensors",
+                                      "--train-info", tmp_path / "train.json",
+                                      "--manifests", test_manifest,
+                                      "--train-manifests", train_manifest,
+                                      "--train-data", tmp_path / "train.parquet"],
+                           tmp_path / "test.parquet", {**EVAL, "generate_examples": 2})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "m.json").read_text())
+    assert record["kv_cosine"]["overall"] == pytest.approx(1, abs=1e-4)
+    assert record["kv_r2"]["overall"] == pytest.approx(1, abs=1e-4)
+    assert list(record["kv_r2"]["per_teacher"]) == [card["name"]]
+    assert 0 <= record["nll_noise"]["max_abs"] < 1e-3
+    assert record["nll_noise"]["mean_abs"] <= record["nll_noise"]["max_abs"]
+    # generate_examples 2: NLL of all 5 examples, accuracy of the first 2.
+    assert len(record["per_example"]["nll"]) == 5 and len(record["per_example"]["correct"]) == 2
+    assert "probe R²" in result.stdout

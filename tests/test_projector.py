@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kava.align import ratio_layer_map
@@ -239,7 +240,6 @@ def test_load_projectors_refuses_other_files(tmp_path):
         load_projectors(other)
     path = tmp_path / "projectors.safetensors"
     save_projectors({"llama": KVProjector([0], (2, 16), SMOLLM2_135M, kind="ridge")}, path)
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("map.bias")}

@@ -1,5 +1,6 @@
-"""kava.report: summary.json content, honest A/B wording, and the rendered HTML/Markdown from
-synthetic evaluation records, training metrics and run facts (1 or 3 seeds, 1 or 2 arms)."""
+"""kava.report: summary.json content (every arm against the control, two-level CIs, gap
+recovered), honest wording, and the rendered HTML/Markdown from synthetic evaluation records,
+training metrics and run facts (1, 2 or 3 seeds; 1 to 3 arms)."""
 
 import base64
 import html as html_lib
@@ -22,28 +23,65 @@ BENCHMARK_TSV = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tm
                  "13.5\t0:00:13\t900.7\t1500.1\t700.0\t710.2\tNA\t2.0\t95.0\t12.1\n")
 
 
-def _record(rng, accuracy, nll, difficulty, cosine=False):
-    """A real eval_record with about `accuracy` correct and per-example NLL nll + difficulty."""
+def _kv_scores(rng, low, high):
+    per_layer = {t: list(np.linspace(low, high, 3) + rng.normal(0, 0.01, 3)) for t in TEACHERS}
+    return {"overall": float(np.mean(list(per_layer.values()))), "per_layer": per_layer,
+            "per_teacher": {t: float(np.mean(v)) for t, v in per_layer.items()}}
+
+
+def _record(rng, accuracy, nll, difficulty, kv=False):
+    """A real eval_record with about `accuracy` correct and per-example NLL nll + difficulty;
+    with kv, a held-out raw cosine and probe R² as a trained arm's evaluation has them."""
     correct = rng.random(N) < accuracy
-    cos = None
-    if cosine:
-        per_layer = {t: list(np.linspace(0.3, 0.8, 3) + rng.normal(0, 0.01, 3)) for t in TEACHERS}
-        cos = {"overall": float(np.mean(list(per_layer.values()))), "per_layer": per_layer,
-               "per_teacher": {t: float(np.mean(v)) for t, v in per_layer.items()}}
+    scores = {"cosine": _kv_scores(rng, 0.3, 0.8), "r2": _kv_scores(rng, 0.1, 0.4)} if kv else None
     return eval_record(list(range(N)), [f"#### {int(c)}" for c in correct], ["1"] * N,
-                       list(nll + difficulty + rng.normal(0, 0.05, N)), kv_cosine=cos)
+                       list(nll + difficulty + rng.normal(0, 0.05, N)), kv=scores)
 
 
-def _evals(seeds, arms=("kv", "ce"), kv_gain=0.3, teacher_nll=1.0):
+def _evals(seeds, arms=("kv", "ce"), kv_gain=0.3, teacher_nll=1.0, gains=None, kv_arms=None):
+    """EVALS: init, two teachers, and every arm on `seeds`; an arm's NLL is 1.6 − its gain (kv:
+    kv_gain, others 0 unless `gains` says), and the arms in kv_arms (default: all but ce) carry
+    held-out KV scores."""
+    gains = {"kv": kv_gain, **(gains or {})}
+    kv_arms = [a for a in arms if a != "ce"] if kv_arms is None else kv_arms
     rng = np.random.default_rng(0)
     difficulty = rng.normal(0, 0.5, N)  # shared by all models: what makes pairing pay off
     return {
         "init": _record(rng, 0.2, 2.0, difficulty),
         "teachers": {t: _record(rng, 0.5, teacher_nll + k * 0.1, difficulty)
                      for k, t in enumerate(TEACHERS)},
-        "arms": {arm: {seed: _record(rng, 0.3, 1.6 - (kv_gain if arm == "kv" else 0.0), difficulty,
-                                     cosine=arm == "kv") for seed in seeds} for arm in arms},
+        "arms": {arm: {seed: _record(rng, 0.3, 1.6 - gains.get(arm, 0.0), difficulty,
+                                     kv=arm in kv_arms) for seed in seeds} for arm in arms},
     }
+
+
+def _per_example(runs, key):
+    """`[seeds, examples]` of a per-example value (every record lists examples 0..N-1)."""
+    return np.array([runs[s]["per_example"][key] for s in sorted(runs)], dtype=np.float64)
+
+
+def _ab_rows(md):
+    """The rows of the Markdown table of arms against the control, as lists of cells."""
+    lines = md.split("## Arms against the control")[1].splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("| arm | against |"))
+    assert lines[start].startswith("| arm | against | seeds | examples | NLL difference |")
+    table = []
+    for line in lines[start + 2:]:  # after the header and its --- line, up to the blank line
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return table
+
+
+def _expected_row(arm, reference, entry):
+    nll, acc, gap = entry["nll"], entry["accuracy"], entry["gap_recovered"]
+    return [arm, reference, str(len(entry["seeds"])), str(entry["n_examples"]),
+            f"{nll['mean']:+.4f}", f"[{nll['ci'][0]:+.4f}, {nll['ci'][1]:+.4f}]",
+            f"{nll['p_value']:.3g}",
+            f"{100 * acc['mean']:+.1f} [{100 * acc['ci'][0]:+.1f}, {100 * acc['ci'][1]:+.1f}]",
+            "n/a" if gap is None else
+            f"{100 * gap['mean']:.1f} % [{100 * gap['ci'][0]:.1f}, {100 * gap['ci'][1]:.1f}]",
+            nll["seed_variance"]]
 
 
 def _metrics(seeds, arms=("kv", "ce")):
@@ -91,39 +129,115 @@ def _text(html):
 
 
 def test_describe_difference_is_honest():
-    flat = describe_difference("accuracy", 0.8, [-1.2, 2.9], lower_is_better=False, unit=" pp")
+    flat = describe_difference("accuracy", 0.8, [-1.2, 2.9], False, " pp", "kv", "ce")
     assert "not significant at 95 %" in flat and "CI includes 0" in flat
+    assert "this evaluation does not show that kv and ce differ on accuracy" in flat
     assert "better" not in flat and "worse" not in flat
-    better = describe_difference("answer NLL", -0.31, [-0.4, -0.2], lower_is_better=True)
+    better = describe_difference("answer NLL", -0.31, [-0.4, -0.2], True, " nats/token",
+                                 "kv", "ce")
+    assert better.startswith("answer NLL: kv − ce = -0.31 nats/token (95 % CI [-0.4, -0.2] "
+                             "nats/token).")
     assert "kv is better than ce" in better and "not significant" not in better
-    assert "by 0.2 to 0.4" in better  # the claim is bounded by the CI, not the point estimate
-    worse = describe_difference("accuracy", -3.0, [-5.0, -1.0], lower_is_better=False, unit=" pp")
-    assert "kv is worse than ce" in worse
-    assert "not significant" in describe_difference("answer NLL", 0.0, [0.0, 0.0], True)
+    assert "by 0.2 nats/token to 0.4 nats/token" in better  # bounded by the CI, not the estimate
+    worse = describe_difference("accuracy", -3.0, [-5.0, -1.0], False, " pp", "kv_shuffled", "kv")
+    assert "kv_shuffled − kv = -3 pp" in worse and "kv_shuffled is worse than kv" in worse
+    assert "not significant" in describe_difference("answer NLL", 0.0, [0.0, 0.0], True, "",
+                                                    "kv", "ce")
+    with pytest.raises(TypeError):  # no default arm names: every sentence says which arms
+        describe_difference("answer NLL", -0.31, [-0.4, -0.2], True, " nats/token")
 
 
 def test_build_summary_numbers():
     evals = _evals(seeds=[0, 1, 2])
     summary = build_summary(evals, n_boot=2000)
     kv, ce = evals["arms"]["kv"], evals["arms"]["ce"]
-    expected_nll = np.mean([kv[s]["nll"] - ce[s]["nll"] for s in range(3)])
-    ab = summary["ab"]
-    assert ab["nll"]["diff"] == pytest.approx(expected_nll)
-    lo, hi = ab["nll"]["ci"]
-    assert lo < -0.3 + 0.05 and hi > -0.3 - 0.05 and ab["nll"]["significant"]
+    assert summary["control"] == "ce" and summary["comparisons_skipped"] is None
+    assert list(summary["comparisons"]) == ["kv"]  # every arm but the control
+    cmp = summary["comparisons"]["kv"]
+    assert cmp["seeds"] == [0, 1, 2] and cmp["n_examples"] == N
+    # Hand computations: the mean over seeds and examples of the per-example difference.
+    expected_nll = np.mean(_per_example(kv, "nll") - _per_example(ce, "nll"))
+    assert cmp["nll"]["mean"] == pytest.approx(expected_nll)
+    assert cmp["nll"]["mean"] == pytest.approx(np.mean([kv[s]["nll"] - ce[s]["nll"]
+                                                        for s in range(3)]))
+    lo, hi = cmp["nll"]["ci"]
+    assert lo < -0.3 + 0.05 and hi > -0.3 - 0.05 and lo < cmp["nll"]["mean"] < hi
+    assert cmp["nll"]["significant"] and cmp["nll"]["p_value"] < 0.01
+    assert cmp["nll"]["n_seeds"] == 3 and cmp["nll"]["seed_variance"] == "estimated"
     expected_accuracy = np.mean([kv[s]["accuracy"] - ce[s]["accuracy"] for s in range(3)])
-    assert ab["accuracy"]["diff"] == pytest.approx(expected_accuracy)
-    assert ab["seeds"] == [0, 1, 2] and ab["n_examples"] == N
-    assert summary["heldout_cos"]["ce"] is None
-    expected_cos = np.mean([kv[s]["kv_cosine"]["overall"] for s in range(3)])
-    assert summary["heldout_cos"]["kv"] == pytest.approx(expected_cos)
-    init, best = summary["models"]["init"]["nll"]["mean"], summary["best_teacher"]["nll"]
+    assert cmp["accuracy"]["mean"] == pytest.approx(expected_accuracy)
+    # Gap recovered, anchored at the control: (NLL ce − NLL kv) / (NLL ce − NLL best teacher).
     assert summary["best_teacher"]["name"] == "llama"
-    assert summary["gap_recovered"]["kv"] == pytest.approx(
+    teacher = evals["teachers"]["llama"]["nll"]
+    ce_nll, kv_nll = _per_example(ce, "nll").mean(), _per_example(kv, "nll").mean()
+    gap = cmp["gap_recovered"]
+    assert gap["mean"] == pytest.approx((ce_nll - kv_nll) / (ce_nll - teacher))
+    assert gap["ci"][0] < gap["mean"] < gap["ci"][1]
+    # The init-anchored figure, kept under its own name.
+    init, best = summary["models"]["init"]["nll"]["mean"], summary["best_teacher"]["nll"]
+    assert best == pytest.approx(teacher)
+    assert summary["gap_recovered_from_init"]["kv"] == pytest.approx(
         (init - summary["models"]["kv"]["nll"]["mean"]) / (init - best))
+    # Held-out KV: raw cosine and probe R², per arm and per teacher, means over seeds.
+    assert summary["heldout_cos"]["ce"] is None and summary["heldout_r2"]["ce"] is None
+    assert summary["heldout_cos"]["kv"] == pytest.approx(
+        np.mean([kv[s]["kv_cosine"]["overall"] for s in range(3)]))
+    assert summary["heldout_r2"]["kv"] == pytest.approx(
+        np.mean([kv[s]["kv_r2"]["overall"] for s in range(3)]))
+    r2 = summary["models"]["kv"]["heldout_r2_per_teacher"]["gemma"]
+    assert r2["mean"] == pytest.approx(np.mean([kv[s]["kv_r2"]["per_teacher"]["gemma"]
+                                                for s in range(3)]))
+    assert r2["n_seeds"] == 3 and r2["std"] > 0
+    assert summary["models"]["ce"]["heldout_r2"] is None
+    assert summary["models"]["ce"]["heldout_r2_per_teacher"] is None
     assert summary["models"]["kv"]["nll"]["std"] > 0
     assert summary["models"]["kv"]["nll"]["n_seeds"] == 3
     json.dumps(summary)  # the stage writes it as summary.json
+
+
+def test_every_arm_is_compared_with_the_control():
+    evals = _evals(seeds=[0, 1], arms=("kv", "kv_shuffled", "ce"), gains={"kv_shuffled": 0.1})
+    summary = build_summary(evals, n_boot=1000)
+    assert list(summary["comparisons"]) == ["kv", "kv_shuffled"]
+    arms = evals["arms"]
+    for arm, gain in (("kv", 0.3), ("kv_shuffled", 0.1)):
+        diff = _per_example(arms[arm], "nll") - _per_example(arms["ce"], "nll")
+        assert summary["comparisons"][arm]["nll"]["mean"] == pytest.approx(diff.mean())
+        lo, hi = summary["comparisons"][arm]["nll"]["ci"]
+        assert lo < -gain < hi
+    # Another control: the differences are taken against it, so kv − ce becomes ce − kv.
+    other = build_summary(evals, control="kv", n_boot=1000)
+    assert list(other["comparisons"]) == ["kv_shuffled", "ce"] and other["control"] == "kv"
+    assert other["comparisons"]["ce"]["nll"]["mean"] == pytest.approx(
+        -summary["comparisons"]["kv"]["nll"]["mean"])
+
+
+def test_contrasts_compare_two_arms_like_an_arm_and_the_control(facts):
+    evals = _evals(seeds=[0, 1], arms=("kv", "kv_shuffled", "ce"), gains={"kv_shuffled": 0.1})
+    summary = build_summary(evals, contrasts=[["kv", "kv_shuffled"]], n_boot=1000)
+    (contrast,) = summary["contrasts"]
+    assert contrast["arm"] == "kv" and contrast["reference"] == "kv_shuffled"
+    arms = evals["arms"]
+    diff = _per_example(arms["kv"], "nll") - _per_example(arms["kv_shuffled"], "nll")
+    assert contrast["nll"]["mean"] == pytest.approx(diff.mean())
+    assert contrast["seeds"] == [0, 1] and contrast["nll"]["significant"]
+    _, md, _ = render_report(summary, evals, {}, facts)
+    rows = _ab_rows(md)
+    assert [row[:2] for row in rows] == [["kv", "ce"], ["kv_shuffled", "ce"], ["kv", "kv_shuffled"]]
+    assert rows[2] == _expected_row("kv", "kv_shuffled", contrast)
+    with pytest.raises(KavaError, match="report.contrasts names arm 'kv_l2', which this run does "
+                                        "not have \\(kv, kv_shuffled, ce\\)"):
+        build_summary(evals, contrasts=[["kv_l2", "ce"]], n_boot=100)
+
+
+def test_an_arm_without_a_seed_in_common_with_the_control(facts):
+    evals = _evals(seeds=[0])
+    evals["arms"]["kv"] = {5: evals["arms"]["kv"][0]}
+    summary = build_summary(evals, contrasts=[["ce", "kv"]], n_boot=200)
+    assert summary["comparisons"] == {"kv": None}
+    assert summary["contrasts"] == [{"arm": "ce", "reference": "kv", "seeds": []}]
+    text = _text(render_report(summary, evals, {}, facts)[0])
+    assert "shares no seed with ce" in text and "shares no seed with kv" in text
 
 
 def test_ab_pairs_by_example_id_and_string_seeds():
@@ -136,36 +250,53 @@ def test_ab_pairs_by_example_id_and_string_seeds():
     evals["arms"] = {arm: {str(s): rec for s, rec in runs.items()}
                      for arm, runs in evals["arms"].items()}
     shuffled = build_summary(evals, n_boot=500)
-    for metric in ("nll", "accuracy"):
-        assert shuffled["ab"][metric]["diff"] == pytest.approx(reference["ab"][metric]["diff"])
-        assert shuffled["ab"][metric]["ci"] == pytest.approx(reference["ab"][metric]["ci"])
+    before, after = reference["comparisons"]["kv"], shuffled["comparisons"]["kv"]
+    assert after["seeds"] == [0, 1]
+    for metric in ("nll", "accuracy", "gap_recovered"):
+        assert after[metric]["mean"] == pytest.approx(before[metric]["mean"])
+        assert after[metric]["ci"] == pytest.approx(before[metric]["ci"])
 
 
 def test_summary_rejects_different_examples():
     evals = _evals(seeds=[0])
     evals["teachers"]["gemma"]["per_example"]["id"][0] = 9999
-    with pytest.raises(KavaError, match="evaluation of gemma covers 120 examples that differ"):
+    with pytest.raises(KavaError, match=r"evaluation of gemma covers 120 examples \(120 "
+                                        r"generated\) that differ"):
         build_summary(evals, n_boot=100)
 
 
-def test_report_with_three_seeds_two_arms(facts):
-    evals, metrics = _evals(seeds=[0, 1, 2], kv_gain=0.3), _metrics([0, 1, 2])
+def test_report_with_three_seeds_three_arms(facts):
+    arms = ("kv", "kv_shuffled", "ce")
+    evals, metrics = _evals(seeds=[0, 1, 2], arms=arms, kv_gain=0.3), _metrics([0, 1, 2], arms)
+    for runs in evals["arms"].values():
+        for rec in runs.values():
+            rec["nll_noise"] = {"max_abs": 3e-6, "mean_abs": 1e-6}
     summary = build_summary(evals, n_boot=2000)
     html, md, plots = render_report(summary, evals, metrics, facts)
     text = _text(html)
-    for heading in ("Summary", "A/B", "Plots", "Run facts"):
+    for heading in ("Summary", "Arms against the control", "Plots", "Run facts"):
         assert f"<h2>{heading}</h2>" in html and f"## {heading}" in md
-    ab = summary["ab"]
-    # The A/B numbers as printed: NLL diff and CI, accuracy in percentage points.
-    lo, hi = ab["nll"]["ci"]
-    assert f"{ab['nll']['diff']:+.4g} nats/token" in text and f"[{lo:+.4g}, {hi:+.4g}]" in text
-    assert f"{100 * ab['accuracy']['diff']:+.4g} pp" in text
-    assert "kv is better than ce on answer NLL" in text
-    # Both arms draw accuracy from the same 30 %: the CI must include 0 and the page must say so.
-    assert not ab["accuracy"]["significant"]
-    assert ("the difference is not significant at 95 %: this evaluation does not show that kv "
-            "and ce differ on accuracy") in text
-    assert f"{100 * summary['gap_recovered']['kv']:.1f} %" in text
+    kv, shuffled = summary["comparisons"]["kv"], summary["comparisons"]["kv_shuffled"]
+    # The table of every arm against the control, numbers as printed.
+    assert _ab_rows(md) == [_expected_row("kv", "ce", kv), _expected_row("kv_shuffled", "ce",
+                                                                         shuffled)]
+    lo, hi = kv["nll"]["ci"]
+    assert (f"answer NLL: kv − ce = {kv['nll']['mean']:+.4g} nats/token (95 % CI "
+            f"[{lo:+.4g}, {hi:+.4g}] nats/token)") in text
+    assert "kv is better than ce on answer NLL at 95 % confidence" in text
+    # kv_shuffled draws its NLL like ce: the CI must include 0 and the page must say so.
+    assert not shuffled["nll"]["significant"]
+    assert ("the difference is not significant at 95 %: this evaluation does not show that "
+            "kv_shuffled and ce differ on answer NLL") in text
+    # Both arms draw accuracy from the same 30 %: that CI includes 0 too.
+    assert not kv["accuracy"]["significant"]
+    assert kv["accuracy"]["ci"][0] < 0 < kv["accuracy"]["ci"][1]
+    assert "differs by at most 3e-06 nats/token" in text  # the evaluation's own noise
+    assert f"here llama (NLL {summary['best_teacher']['nll']:.4f})" in text
+    # The init-anchored figure is labelled as such.
+    assert "Gap recovered from init" in text and "anchored at the untrained student" in text
+    init_gap = summary["gap_recovered_from_init"]["kv"]
+    assert f"| kv | {summary['models']['kv']['nll']['mean']:.4f} | {100 * init_gap:.1f} % |" in md
     # Three inline PNGs (bars, training curves, heatmap), each a real PNG.
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
@@ -176,34 +307,62 @@ def test_report_with_three_seeds_two_arms(facts):
     assert "GQA: 1 KV heads serve 4 query heads" in text
     assert "train/kv/seed0 13.0 901" in text
     assert re.search(r"\d ± \d", text)  # spread over three seeds
+    # Held-out KV: the probe R² and the raw cosine, labelled apart, per teacher.
+    r2 = summary["models"]["kv"]["heldout_r2_per_teacher"]["llama"]
     cos = summary["models"]["kv"]["heldout_cos_per_teacher"]["llama"]
-    assert "Held-out KV cosine per teacher" in text
+    assert "Held-out KV R² per teacher" in text and "Raw held-out KV cosine per teacher" in text
+    assert f"{r2['mean']:.3f} ± {r2['std']:.3f}" in text
     assert f"{cos['mean']:.3f} ± {cos['std']:.3f}" in text
+    assert "per-head-mean baseline" in text
     assert "sha256:0123abcd" in md and "Plot: Training curves" in md
 
 
-def test_report_single_seed_single_arm_without_cosine(facts):
-    evals, metrics = _evals(seeds=[0], arms=("ce",)), _metrics([0], arms=("ce",))
+def test_report_single_seed_without_kv_scores(facts):
+    evals = _evals(seeds=[0], kv_arms=[])
+    metrics = _metrics([0])
     summary = build_summary(evals, n_boot=500)
-    assert summary["ab"] is None and summary["heldout_cos"] == {"ce": None}
+    cmp = summary["comparisons"]["kv"]
+    assert cmp["seeds"] == [0] and cmp["nll"]["n_seeds"] == 1
+    assert cmp["nll"]["seed_variance"].startswith("not estimated")
+    assert summary["heldout_cos"] == {"kv": None, "ce": None}
+    assert summary["heldout_r2"] == {"kv": None, "ce": None}
     html, md, plots = render_report(summary, evals, metrics, {})
     text = _text(html)
-    assert "n/a: the A/B needs arms 'kv' and 'ce'; this run has ce." in text
+    assert _ab_rows(md) == [_expected_row("kv", "ce", cmp)]
+    assert ("not estimated: one training seed, so the CI covers the test examples only"
+            in text)
     assert "Held-out KV cosine heatmap: n/a" in text
+    assert "Held-out KV R² per teacher" not in text
     assert "KV storage: n/a" in text and "Per-rule wall time and peak memory: n/a" in text
     assert not re.search(r"\d ± \d", text)  # one seed: no spread is claimed
     assert len(re.findall(r"data:image/png;base64,", html)) == 2
     assert sorted(plots) == ["accuracy_nll", "training_curves"]
-    assert "n/a: the A/B needs arms" in md
 
 
-def test_report_when_teacher_is_not_better_than_init(facts):
+def test_report_without_the_control_arm(facts):
+    evals, metrics = _evals(seeds=[0], arms=("kv",)), _metrics([0], arms=("kv",))
+    summary = build_summary(evals, n_boot=500)
+    assert summary["comparisons"] == {}
+    assert summary["comparisons_skipped"] == ("the comparisons need the control arm 'ce' "
+                                              "(report.control); this run has kv")
+    html, md, _ = render_report(summary, evals, metrics, facts)
+    assert "n/a: the comparisons need the control arm 'ce' (report.control); this run has kv." in (
+        _text(html))
+    assert "n/a: the comparisons need the control arm 'ce'" in md
+    only_control = build_summary(_evals(seeds=[0], arms=("ce",)), n_boot=200)
+    assert only_control["comparisons"] == {} and only_control["heldout_cos"] == {"ce": None}
+
+
+def test_report_when_teacher_is_not_better_than_the_control_or_init(facts):
     evals = _evals(seeds=[0], teacher_nll=3.0)
     summary = build_summary(evals, n_boot=500)
-    assert summary["gap_recovered"] == {"kv": None, "ce": None}
-    html, _, _ = render_report(summary, evals, _metrics([0]), facts)
-    text = _text(html)
-    assert "n/a: best teacher llama (NLL" in text and "is not better than init" in text
+    assert summary["gap_recovered_from_init"] == {"kv": None, "ce": None}
+    assert summary["comparisons"]["kv"]["gap_recovered"] is None
+    assert summary["best_teacher"]["name"] == "llama"
+    _, md, _ = render_report(summary, evals, _metrics([0]), facts)
+    (row,) = _ab_rows(md)
+    assert row[8] == "n/a"
+    assert f"| kv | {summary['models']['kv']['nll']['mean']:.4f} | n/a |" in md
 
 
 def test_read_benchmark(tmp_path):
@@ -229,11 +388,17 @@ def test_best_teacher_is_chosen_among_teachers_with_the_students_tokenizer(facts
     html, _, _ = render_report(summary, evals, {}, facts)
     text = _text(html)
     assert f"{summary['models']['llama']['nll']['mean']:.4f} †" in text
-    assert "does not compare with the others'" in text and "(here gemma)" in text
+    assert "does not compare with the others'" in text and "here gemma (NLL" in text
+    teacher = evals["teachers"]["gemma"]["nll"]
+    ce_nll, kv_nll = evals["arms"]["ce"][0]["nll"], evals["arms"]["kv"][0]["nll"]
+    assert summary["comparisons"]["kv"]["gap_recovered"]["mean"] == pytest.approx(
+        (ce_nll - kv_nll) / (ce_nll - teacher))
 
     evals["teachers"]["gemma"]["tokenizer"] = "other-bpe"
     summary = build_summary(evals, n_boot=200)
-    assert summary["best_teacher"] is None and summary["gap_recovered"] == {"kv": None, "ce": None}
+    assert summary["best_teacher"] is None
+    assert summary["gap_recovered_from_init"] == {"kv": None, "ce": None}
+    assert summary["comparisons"]["kv"]["gap_recovered"] is None
     text = _text(render_report(summary, evals, {}, facts)[0])
     assert "n/a: no evaluated teacher shares the student's tokenizer" in text
 
@@ -252,7 +417,7 @@ def test_load_the_run_files(tmp_path):
                       for arm, runs in evals["arms"].items()}}
     loaded = load_evals(paths)
     assert loaded["arms"]["kv"]["0"]["nll"] == evals["arms"]["kv"][0]["nll"]
-    assert build_summary(loaded, n_boot=200)["ab"]["seeds"] == [0]
+    assert build_summary(loaded, n_boot=200)["comparisons"]["kv"]["seeds"] == [0]
 
     metrics = {"kv": {"0": dump(tmp_path / "m.jsonl", '{"step": 1, "ce": 2.0}\n\n{"step": 2, "ce": 1.5}\n')}}
     assert load_metrics(metrics) == {"kv": {"0": [{"step": 1, "ce": 2.0}, {"step": 2, "ce": 1.5}]}}
