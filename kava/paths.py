@@ -1,9 +1,12 @@
 """Where a run's artifacts live. Pure stdlib: the Snakefile and the probe stage both use it,
 so the paths Snakemake plans with are the paths the probe reports.
 
-Order of precedence, per path: the KAVA_* variable, else $TMPDIR inside a batch job (scratch
-only), else a folder under results/<run>/. Nothing is created here: a path exists only once
-a stage writes to it.
+Per path: the KAVA_* variable, else a folder under results/<run>/. Nothing else in the
+environment counts: on a cluster the Snakefile is parsed again inside every job, and a path
+that followed the job's environment (SLURM_JOB_ID, a node-local $TMPDIR) would differ from
+the one the submitting process waits for, so a job's output or a checkpoint its retry needs
+would land where nobody looks. Node-local $TMPDIR stays free for temporary files only.
+Nothing is created here: a path exists only once a stage writes to it.
 """
 
 import os
@@ -28,19 +31,13 @@ def detect_scheduler(environ=os.environ):
 
 
 def run_paths(run, environ=os.environ, project_root="."):
-    """The four roots of a run: models, data, scratch, results (strings, absolute if set by env).
+    """The roots of a run: models, data, scratch, results (strings, absolute if set by env).
 
-    On a multi-node cluster, $TMPDIR is node-local and wiped after the job; set KAVA_SCRATCH to
-    a shared filesystem there, or later jobs will not find the shards.
+    Scratch defaults to results/<run>/scratch, which is wherever the results are, so it is
+    shared whenever they are. On a cluster, set KAVA_SCRATCH to a big shared filesystem.
     """
     results = Path(environ.get("KAVA_OUTPUT_PATH") or Path(project_root) / "results") / run
-    in_job = detect_scheduler(environ)[0] != "local"
-    if environ.get("KAVA_SCRATCH"):
-        scratch = Path(environ["KAVA_SCRATCH"]) / run
-    elif in_job and environ.get("TMPDIR"):
-        scratch = Path(environ["TMPDIR"]) / "kava" / run
-    else:
-        scratch = results / "scratch"
+    scratch = Path(environ["KAVA_SCRATCH"]) / run if environ.get("KAVA_SCRATCH") else results / "scratch"
     models = Path(environ["KAVA_MODEL_PATH"]) if environ.get("KAVA_MODEL_PATH") else results / "models"
     return {
         "models": str(models),

@@ -23,15 +23,24 @@ def test_paths_precedence():
     assert run_paths("r", {}) == {"models": "results/r/models", "data": "results/r/data",
                                   "data_source": None, "scratch": "results/r/scratch",
                                   "results": "results/r"}
-    in_job = run_paths("r", {"SLURM_JOB_ID": "1", "TMPDIR": "/tmp/job1"})
-    assert in_job["scratch"] == "/tmp/job1/kava/r"
-    outside_job = run_paths("r", {"TMPDIR": "/tmp/x"})
-    assert outside_job["scratch"] == "results/r/scratch"
     explicit = run_paths("r", {"SLURM_JOB_ID": "1", "TMPDIR": "/t", "KAVA_SCRATCH": "/s",
                                "KAVA_OUTPUT_PATH": "/o", "KAVA_MODEL_PATH": "/m",
                                "KAVA_DATA_PATH": "/d/gsm8k"})
     assert explicit == {"models": "/m", "data": "/o/r/data", "data_source": "/d/gsm8k",
                         "scratch": "/s/r", "results": "/o/r"}
+
+
+def test_paths_same_inside_and_outside_a_job():
+    """The Snakefile is parsed again inside every cluster job: what the job plans (its outputs,
+    a retry's checkpoints) must be what the submitting process waits for. A node-local $TMPDIR
+    in the job once moved scratch, and every shard went missing."""
+    kava_env = {"KAVA_OUTPUT_PATH": "/shared/out", "KAVA_SCRATCH": "/shared/scratch"}
+    for submitter in ({}, kava_env):
+        for job_env in ({"SLURM_JOB_ID": "7", "TMPDIR": "/local/job7"},
+                        {"PBS_JOBID": "7.pbs", "TMPDIR": "/local/pbs"},
+                        {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOSTNAME": "pod",
+                         "TMPDIR": "/tmp/pod"}):
+            assert run_paths("r", {**submitter, **job_env}) == run_paths("r", submitter)
 
 
 def test_cpus_respect_slurm_allocation():
