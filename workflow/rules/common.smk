@@ -1,3 +1,5 @@
+import shlex
+
 # Paths every rule agrees on. A rule's log and benchmark live beside the results of its run.
 
 
@@ -13,6 +15,14 @@ def benchmark_path(rule_name, key="{model}"):
     return f"{RESULTS}/benchmarks/{rule_name}/{key}.tsv"
 
 
+def path_arg(flag, paths):
+    """`--flag 'path' ...` quoted for the shell, or "" for an optional input that is absent:
+    a params function's string goes into the command as it is, so it must quote itself."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return f"{flag} {shlex.join(paths)}" if paths else ""
+
+
 def as_json(section):
     """A config section for a stage's command line; quoting is done by `{params.x:q}`."""
     return json.dumps(section, sort_keys=True)
+

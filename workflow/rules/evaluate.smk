@@ -1,5 +1,3 @@
-import shlex
-
 # Every evaluated model, by the name its files take under eval/: the student before training
 # (init), each teacher (teacher-<name>, with eval.teachers), and each arm x seed (<arm>-seed<k>).
 EVAL = f"{RESULTS}/eval"
@@ -46,11 +44,11 @@ def model_args(wildcards, input):
     """--card for init and teachers; a trained student's folder, projectors, train.json, the
     train split and the teachers' train- and test-split manifests for an arm."""
     if input.get("card"):
-        return f"--card {shlex.quote(input.card)}"
-    return (f"--model-dir {shlex.quote(input.model_dir)} --projector {shlex.quote(input.projector)} "
-            f"--train-info {shlex.quote(input.train_info)} --manifests {shlex.join(input.manifests)} "
-            f"--train-manifests {shlex.join(input.train_manifests)} "
-            f"--train-data {shlex.quote(input.train_data)}")
+        return path_arg("--card", input.card)
+    return " ".join(path_arg(flag, input.get(key)) for flag, key in (
+        ("--model-dir", "model_dir"), ("--projector", "projector"), ("--train-info", "train_info"),
+        ("--manifests", "manifests"), ("--train-manifests", "train_manifests"),
+        ("--train-data", "train_data")))
 
 
 rule evaluate:

@@ -12,7 +12,7 @@ rule materialize:
     params:
         spec=lambda w: as_json(config["models"][w.model]),
         model_dir=lambda w: f"{PATHS['models']}/{w.model}",
-        base=lambda w, input: f"--base-card {input.base}" if input.base else "",
+        base=lambda w, input: path_arg("--base-card", input.base),
     log:
         log_path("materialize"),
     benchmark:

@@ -39,7 +39,7 @@ rule precompute:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
         on_too_long=config["data"]["on_too_long"],
-        student_card=lambda w, input: f"--student-card {input.student_card}" if input.student_card else "",
+        student_card=lambda w, input: path_arg("--student-card", input.student_card),
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:

@@ -71,7 +71,7 @@ rule train:
         max_length=config["data"]["max_length"],
         checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
         launcher=train_launcher,
-        cka=lambda w, input: f"--cka-maps {input.cka}" if input.cka else "",
+        cka=lambda w, input: path_arg("--cka-maps", input.cka),
     resources:
         gpu=lambda w: ARMS[w.arm]["gpus"],
     log:
