@@ -278,49 +278,68 @@ def eval_record(ids, predictions, references, nlls, kv=None, tokenizer=None):
                             "reference": [str(r) for r in references]}}
 
 
-def trained_stores(manifests, teachers, train_info):
-    """{teacher: KVStore} of `manifests` for the teachers a trained student learned from, each
-    checked against the teacher weights and key space training used (a store of other weights
-    or another key space is refused, naming the manifest)."""
+def teacher_stores(manifests, teachers, train_info):
+    """{teacher: KVStore} of `manifests` for `teachers`, each checked against the key space
+    training used and, for a teacher the student learned from, against the weights its KV came
+    from (a store of other weights or another key space is refused, naming the manifest)."""
     from kava.kvstore import KVStore
 
     stores = {}
     for path in manifests:
         name = KVStore(path).manifest["teacher"]["name"]
         if name in teachers:
-            trained = train_info["teachers"][name]["identity"]["teacher"]
-            stores[name] = KVStore(path, expect={"teacher": name,
-                                                 "weights_sha256": trained["weights_sha256"],
-                                                 "key_space": train_info["key_space"]})
+            expect = {"teacher": name, "key_space": train_info["key_space"]}
+            if name in train_info["teachers"]:
+                trained = train_info["teachers"][name]["identity"]["teacher"]
+                expect["weights_sha256"] = trained["weights_sha256"]
+            stores[name] = KVStore(path, expect=expect)
     missing = [name for name in teachers if name not in stores]
     if missing:
         raise KavaError(f"no KV manifest of teacher {missing[0]} among {list(manifests)} (the "
-                        f"trained student learned from {', '.join(teachers)})")
+                        f"held-out KV fit reads {', '.join(teachers)})")
     return stores
 
 
-def heldout_kv(student, tokenizer, projectors, train_info, train_manifests, test_manifests,
-               train_rows, test_rows, max_length, batch_size, probe_ridge):
-    """A trained student's held-out KV match on the test split, as training compared it:
-    "cosine", the raw cosine through its projectors (kava.kvfit.kv_cosine), and "r2", the
-    R² of a ridge probe fitted on the train split over the per-head-mean baseline
-    (kava.kvfit.kv_probe_r2), each {"overall", "per_teacher", "per_layer"}.
+def probe_layer_maps(train_info, n_student, teacher_dims, student_card):
+    """{teacher: layer map} the held-out probe scores, for every teacher of the run: the map
+    training used for a teacher the student learned from, else the one layer_map auto would
+    give. So an arm that learned from one teacher is still measured against the others, which
+    tells whether its KV moved towards its teacher only or towards any teacher."""
+    from kava.align import auto_layer_map, pruned_from
+
+    maps = {}
+    for name, dims in teacher_dims.items():
+        if name in train_info["teachers"]:
+            maps[name] = train_info["teachers"][name]["layer_map"]
+        else:
+            maps[name] = auto_layer_map(n_student, dims["num_layers"], name,
+                                        pruned_from(student_card))[0]
+    return maps
+
+
+def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_manifests,
+               test_manifests, train_rows, test_rows, max_length, batch_size, probe_ridge):
+    """A trained student's held-out KV match on the test split: "cosine", the raw cosine
+    through its projectors as training compared them (kava.kvfit.kv_cosine), for the teachers it
+    learned from; and "r2", the R² of a ridge probe fitted on the train split over the
+    per-head-mean baseline (kava.kvfit.kv_probe_r2), for every teacher in `probe_maps`
+    (probe_layer_maps). Each {"overall", "per_teacher", "per_layer"}.
 
     projectors: {teacher: KVProjector} as trained; train_info: the run's train.json (key space,
     time alignment, layer maps)."""
     from kava.kvfit import kv_cosine, kv_probe_r2
 
     device = next(student.parameters()).device
-    test_stores = trained_stores(test_manifests, list(projectors), train_info)
-    train_stores = trained_stores(train_manifests, list(projectors), train_info)
+    test_stores = teacher_stores(test_manifests, list(probe_maps), train_info)
+    train_stores = teacher_stores(train_manifests, list(probe_maps), train_info)
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
     # A kv_shuffled arm read other examples' KV in training; held out, every arm is measured
     # against each example's own teacher KV.
     alignment = train_info["config"]["time_alignment"]
-    cosine = kv_cosine(student, projectors, test_stores, test_rows, tokenizer, max_length,
-                       batch_size, key_space=train_info["key_space"], time_alignment=alignment)
-    layer_maps = {name: train_info["teachers"][name]["layer_map"] for name in projectors}
-    r2 = kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows,
+    cosine = kv_cosine(student, projectors, {name: test_stores[name] for name in projectors},
+                       test_rows, tokenizer, max_length, batch_size,
+                       key_space=train_info["key_space"], time_alignment=alignment)
+    r2 = kv_probe_r2(student, tokenizer, train_stores, test_stores, probe_maps, train_rows,
                      test_rows, max_length, batch_size, probe_ridge,
                      key_space=train_info["key_space"], time_alignment=alignment)
     return {"cosine": cosine, "r2": r2}

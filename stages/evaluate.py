@@ -4,7 +4,8 @@ eval/<model>/predictions.jsonl (every generation, for a person to read).
 
 The model is a card (`--card`: the student before training, a teacher) or a trained student
 folder (`--model-dir`, with `--projector`, `--train-info`, the train split and the teachers'
-train- and test-split manifests for the held-out KV cosine and probe R²).
+train- and test-split manifests for the held-out KV cosine and probe R², the student's card
+and every teacher's dims for the probe's layer maps).
 
 Answer NLL is computed in fp32 whatever eval.dtype says: rounding the weights to bf16 adds
 per-example noise larger than the difference between two trained arms. Generation runs in
@@ -17,7 +18,8 @@ import torch
 from kava.cli import json_arg, run_stage, stage_parser
 from kava.data import read_split
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
-                           heldout_kv, prediction_lines, tokenizer_fingerprint)
+                           heldout_kv, prediction_lines, probe_layer_maps,
+                           tokenizer_fingerprint)
 from kava.io import atomic_path, read_json, write_json
 from kava.models import load_model, load_tokenizer, materialize
 from kava.precompute import compute_dtype
@@ -44,8 +46,13 @@ def main(args):
         noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps)}
         train_rows = read_split(args.train_data, ("id", "prompt", "text"), 0,
                                 cfg["probe_examples"])
-        kv = heldout_kv(model, tokenizer, load_projectors(args.projector),
-                        read_json(args.train_info), args.train_manifests, args.manifests,
+        train_info = read_json(args.train_info)
+        probe_maps = probe_layer_maps(
+            train_info, model.config.num_hidden_layers,
+            {dims["model"]: dims for dims in map(read_json, args.teacher_dims)},
+            read_json(args.student_card))
+        kv = heldout_kv(model, tokenizer, load_projectors(args.projector), train_info, probe_maps,
+                        args.train_manifests, args.manifests,
                         train_rows, rows, args.max_length, cfg["batch_size"], cfg["probe_ridge"])
     if card["quantize"] == "none":
         model.to(dtype)
@@ -84,6 +91,10 @@ if __name__ == "__main__":
     parser.add_argument("--train-manifests", nargs="*", default=[],
                         help="every teacher's train-split KV manifest (the probe's fit)")
     parser.add_argument("--train-data", help="data/train.parquet (the probe's fit)")
+    parser.add_argument("--student-card", help="the student's card before training (a pruned "
+                        "student's layer map to its parent, for the probe)")
+    parser.add_argument("--teacher-dims", nargs="*", default=[],
+                        help="every teacher's dims JSON (layer maps of the probe)")
     parser.add_argument("--data", required=True, help="data/test.parquet")
     parser.add_argument("--eval", type=json_arg, required=True, help="the eval section, JSON")
     parser.add_argument("--max-length", type=int, required=True,

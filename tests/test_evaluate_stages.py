@@ -13,7 +13,7 @@ import torch
 from conftest import PROJECT
 from kava.data import usable_rows, write_split
 from kava.errors import KavaError
-from kava.evaluate import eval_record, heldout_kv
+from kava.evaluate import eval_record, heldout_kv, probe_layer_maps
 from kava.models import load_model, load_tokenizer
 from kava.projector import KVProjector, save_projectors
 from kava.synthetic import generate
@@ -146,9 +146,22 @@ def train_info(card):
 def heldout(student_card, teacher_card, splits, projector, ridge=1e-6):
     model, tokenizer = load_model(student_card), load_tokenizer(student_card["dir"])
     (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
-    return heldout_kv(model, tokenizer, {teacher_card["name"]: projector}, train_info(teacher_card),
+    info = train_info(teacher_card)
+    probe_maps = {teacher_card["name"]: info["teachers"][teacher_card["name"]]["layer_map"]}
+    return heldout_kv(model, tokenizer, {teacher_card["name"]: projector}, info, probe_maps,
                       [train_manifest], [test_manifest], train_rows, test_rows, max_length=1024,
                       batch_size=2, probe_ridge=ridge)
+
+
+def test_probe_layer_maps_cover_every_teacher_of_the_run():
+    """The teacher an arm learned from keeps its training map; one it did not learn from gets
+    layer_map auto's: the pruned student's own layers for its parent, ratio for another."""
+    info = {"teachers": {"taught": {"layer_map": [0, 0, 5]}}}
+    dims = {"taught": {"num_layers": 6}, "parent": {"num_layers": 12},
+            "other": {"num_layers": 7}}
+    card = {"source": {"derive": {"base": "parent", "keep_layers": [0, 4, 11]}}}
+    maps = probe_layer_maps(info, 3, dims, card)
+    assert maps == {"taught": [0, 0, 5], "parent": [0, 4, 11], "other": [0, 3, 6]}
 
 
 @pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])
@@ -213,7 +226,12 @@ def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
                             direction="student_to_teacher")
     save_projectors({card["name"]: projector}, tmp_path / "projectors.safetensors")
     (tmp_path / "train.json").write_text(json.dumps(train_info(card)))
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    (tmp_path / "dims.json").write_text(json.dumps({"model": card["name"],
+                                                    "num_layers": card["num_layers"]}))
     result, out = evaluate(tmp_path, ["--model-dir", card["dir"],
+                                      "--student-card", tmp_path / "card.json",
+                                      "--teacher-dims", tmp_path / "dims.json",
                                       "--projector", tmp_path / "projectors.safetensors",
                                       "--train-info", tmp_path / "train.json",
                                       "--manifests", test_manifest,

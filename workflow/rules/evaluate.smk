@@ -24,7 +24,10 @@ def evaluated_models():
             named.append((f"{arm}-seed{seed}", {
                 "model_dir": f"{run}/student", "projector": f"{run}/projector.safetensors",
                 "train_info": f"{run}/train.json", "manifests": TEST_MANIFESTS,
-                "train_manifests": TRAIN_MANIFESTS, "train_data": f"{RESULTS}/data/train.parquet"}))
+                "train_manifests": TRAIN_MANIFESTS, "train_data": f"{RESULTS}/data/train.parquet",
+                "student_card": card(config["student"]),
+                "teacher_dims": expand(f"{RESULTS}/dims/{{teacher}}.json",
+                                       teacher=config["teachers"])}))
     names = [name for name, _ in named]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
@@ -48,7 +51,8 @@ def model_args(wildcards, input):
     return " ".join(path_arg(flag, input.get(key)) for flag, key in (
         ("--model-dir", "model_dir"), ("--projector", "projector"), ("--train-info", "train_info"),
         ("--manifests", "manifests"), ("--train-manifests", "train_manifests"),
-        ("--train-data", "train_data")))
+        ("--train-data", "train_data"), ("--student-card", "student_card"),
+        ("--teacher-dims", "teacher_dims")))
 
 
 rule evaluate:
