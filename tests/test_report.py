@@ -12,8 +12,10 @@ import pytest
 
 from kava.errors import KavaError
 from kava.evaluate import eval_record
-from kava.report import (_curve_panels, build_summary, describe_difference, load_evals, load_facts,
-                         load_metrics, read_benchmark, render_report)
+from kava.report import build_summary, load_evals, load_facts, load_metrics, render_report
+from kava.report.load import read_benchmark
+from kava.report.plots import _curve_panels
+from kava.report.render import describe_difference
 
 N = 120
 TEACHERS = ["llama", "gemma"]

@@ -1,0 +1,305 @@
+"""The report as documents: sections of text, tables and plots, rendered to a self-contained
+HTML page (kava/report/templates) and to Markdown with the same tables and sentences."""
+
+import base64
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader
+
+from kava.report.load import seeded
+from kava.report.plots import NA, plot_bars, plot_cosine_heatmap, plot_training_curves
+from kava.report.summary import model_name
+
+
+def describe_difference(name, diff, ci, lower_is_better, unit, treatment, control):
+    """One honest sentence on `treatment − control`. A CI that includes 0 is said plainly to be
+    not significant; a CI that excludes it says which arm is better and by how much at least and
+    at most, never more than the interval supports."""
+    lo, hi = ci
+    head = (f"{name}: {treatment} − {control} = {diff:+.4g}{unit} "
+            f"(95 % CI [{lo:+.4g}, {hi:+.4g}]{unit}).")
+    if lo <= 0 <= hi:
+        return (f"{head} The CI includes 0, so the difference is not significant at 95 %: "
+                f"this evaluation does not show that {treatment} and {control} differ on {name}.")
+    better = (hi < 0) == lower_is_better
+    return (f"{head} The CI excludes 0: {treatment} is {'better' if better else 'worse'} than "
+            f"{control} on {name} at 95 % confidence, by {min(abs(lo), abs(hi)):.4g}{unit} to "
+            f"{max(abs(lo), abs(hi)):.4g}{unit}.")
+
+
+def _pm(stat, fmt):
+    if stat is None:
+        return NA
+    text = fmt.format(stat["mean"])
+    return text if stat["std"] is None else f"{text} ± {fmt.format(stat['std'])}"
+
+
+def _summary_section(summary):
+    header = ["model", "seeds", "examples", "accuracy (%)", "accuracy 95 % CI", "NLL (nats/token)",
+              "held-out KV R²", "raw KV cosine"]
+    rows = []
+    for label, m in summary["models"].items():
+        acc = {**m["accuracy"], "mean": 100 * m["accuracy"]["mean"],
+               "std": None if m["accuracy"]["std"] is None else 100 * m["accuracy"]["std"]}
+        lo, hi = m["accuracy"]["ci"]
+        other_units = " †" if m.get("same_tokenizer_as_init") is False else ""
+        rows.append([model_name(label, summary), m["accuracy"]["n_seeds"], m["n_examples"],
+                     _pm(acc, "{:.1f}"), f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                     _pm(m["nll"], "{:.4f}") + other_units, _pm(m["heldout_r2"], "{:.3f}"),
+                     _pm(m["heldout_cos"], "{:.3f}")])
+    notes = ("Mean over seeds ± sample standard deviation across seeds (no ± with one seed). "
+             "Accuracy CI: bootstrap over test examples, pooled over seeds. NLL: mean over "
+             "examples of the answer's negative log-likelihood per token, teacher-forced, in "
+             "fp32. Held-out KV R²: a ridge probe from the student's KV to each teacher's KV at "
+             "the mapped layer, fitted on train examples, scored on the test examples against "
+             "the per-head-mean baseline (0: no more than a constant, 1: determines it); mean "
+             "over the arm's teachers and layers. Raw KV cosine: the student's KV against the "
+             "teacher's through the trained projector, as training compares them; keys are "
+             "dominated by their per-head mean, so a content-free predictor already scores high "
+             "on it.")
+    if any(m.get("same_tokenizer_as_init") is False for m in summary["models"].values()):
+        notes += (" † This model tokenises differently from the student: its NLL is per token "
+                  "of its own tokenizer and does not compare with the others'.")
+    blocks = [{"kind": "text", "text": notes},
+              {"kind": "table", "header": header, "rows": rows}]
+    for key, title in (("heldout_r2_per_teacher", "Held-out KV R² per teacher"),
+                       ("heldout_cos_per_teacher", "Raw held-out KV cosine per teacher")):
+        per_teacher = {label: m[key] for label, m in summary["models"].items() if m[key]}
+        if per_teacher:
+            teachers = list(dict.fromkeys(t for scores in per_teacher.values() for t in scores))
+            blocks.append({"kind": "heading", "text": title})
+            blocks.append({"kind": "table", "header": ["model", *teachers],
+                           "rows": [[label, *(_pm(scores.get(t), "{:.3f}") for t in teachers)]
+                                    for label, scores in per_teacher.items()]})
+    return {"title": "Summary", "blocks": blocks}
+
+
+def _ab_section(summary):
+    control = summary["control"]
+    if summary["comparisons_skipped"]:
+        return {"title": "Arms against the control",
+                "blocks": [{"kind": "text", "text": f"{NA}: {summary['comparisons_skipped']}."}]}
+    best = summary["best_teacher"]
+    rows, sentences = [], []
+    pairs = [(arm, control, entry) for arm, entry in summary["comparisons"].items()]
+    pairs += [(c["arm"], c["reference"], c if c["seeds"] else None) for c in summary["contrasts"]]
+    for arm, reference, entry in pairs:
+        if entry is None:
+            rows.append([arm, reference, *[NA] * 7, f"shares no seed with {reference}"])
+            continue
+        nll, acc, gap = entry["nll"], entry["accuracy"], entry["gap_recovered"]
+        lo, hi = nll["ci"]
+        rows.append([arm, reference, len(entry["seeds"]), entry["n_examples"],
+                     f"{nll['mean']:+.4f}",
+                     f"[{lo:+.4f}, {hi:+.4f}]", f"{nll['p_value']:.3g}",
+                     f"{100 * acc['mean']:+.1f} [{100 * acc['ci'][0]:+.1f}, "
+                     f"{100 * acc['ci'][1]:+.1f}]",
+                     NA if gap is None else f"{100 * gap['mean']:.1f} % [{100 * gap['ci'][0]:.1f}, "
+                                            f"{100 * gap['ci'][1]:.1f}]",
+                     nll["seed_variance"]])
+        sentences.append(describe_difference("answer NLL", nll["mean"], nll["ci"], True,
+                                             " nats/token", arm, reference))
+    noises = [m["nll_noise_max"] for m in summary["models"].values() if m.get("nll_noise_max")]
+    noise = (f" Answer NLL is evaluated in fp32; the same NLL computed one example at a time "
+             f"instead of in batches differs by at most {max(noises):.2g} nats/token on any "
+             f"example, the evaluation's own numerical noise." if noises else "")
+    if not rows:
+        rows.append([NA, control, *[NA] * 7, "no arm besides the control"])
+    reference = (f"the best teacher sharing the student's tokenizer, here {best['name']} "
+                 f"(NLL {best['nll']:.4f})" if best else f"{NA}: {summary['gap_skipped']}")
+    blocks = [
+        {"kind": "text", "text": (
+            f"Each arm against the control arm {control} (and each pair of report.contrasts "
+            f"against its reference): per test example, arm − reference, paired by training "
+            f"seed (same data order and initialisation) and example. 95 % CIs "
+            f"from a two-level percentile bootstrap that resamples the seeds, then the examples, "
+            f"so they account for training-seed variance as well as the choice of examples. "
+            f"Gap recovered = (NLL reference − NLL arm) / (NLL reference − NLL teacher), the "
+            f"teacher being {reference}; 100 % would be teacher-level NLL.{noise}")},
+        {"kind": "table", "header": ["arm", "against", "seeds", "examples", "NLL difference",
+                                     "95 % CI", "p", "accuracy difference (pp) [95 % CI]",
+                                     "gap recovered [95 % CI]", "seed variance"],
+         "rows": rows},
+        *({"kind": "text", "text": s} for s in sentences),
+    ]
+    init_nll = summary["models"]["init"]["nll"]["mean"]
+    rows = [[arm, f"{summary['models'][arm]['nll']['mean']:.4f}",
+             NA if gap is None else f"{100 * gap:.1f} %"]
+            for arm, gap in summary["gap_recovered_from_init"].items()]
+    blocks += [
+        {"kind": "text", "text": (
+            f"Gap recovered from init = (NLL init − NLL arm) / (NLL init − NLL teacher), init NLL "
+            f"{init_nll:.4f}. It is anchored at the untrained student, so it mostly measures "
+            f"learning the answer format, which every arm does; the comparison with {control} "
+            f"above is the one that isolates the method.")},
+        {"kind": "table", "header": ["arm", "NLL", "gap recovered from init"], "rows": rows},
+    ]
+    return {"title": "Arms against the control", "blocks": blocks}
+
+
+def _plots_section(summary, evals, metrics):
+    blocks = [{"kind": "plot", "name": "accuracy_nll", "png": plot_bars(summary),
+               "title": "Accuracy and NLL per model (bootstrap 95 % CI)"}]
+    if metrics:
+        blocks.append({"kind": "plot", "name": "training_curves", "title": "Training curves",
+                       "png": plot_training_curves(metrics)})
+    else:
+        blocks.append({"kind": "text",
+                       "text": f"Training curves: {NA} (no training metrics given)."})
+    heatmap = plot_cosine_heatmap(evals)
+    if heatmap:
+        blocks.append({"kind": "plot", "name": "heldout_kv_cosine", "png": heatmap,
+                       "title": "Held-out KV cosine per student layer and teacher"})
+    else:
+        blocks.append({"kind": "text", "text": f"Held-out KV cosine heatmap: {NA} (no arm has "
+                                               f"per-layer held-out cosines)."})
+    return {"title": "Plots", "blocks": blocks}
+
+
+def _cell(value):
+    if value is None:
+        return NA
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value)
+
+
+def _key_values(title, mapping):
+    if not mapping:
+        return [{"kind": "text", "text": f"{title}: {NA}."}]
+    return [{"kind": "heading", "text": title},
+            {"kind": "table", "header": ["key", "value"],
+             "rows": [[k, _cell(v)] for k, v in mapping.items()]}]
+
+
+def _layer_kinds(dims):
+    """`15× sliding (window 512), 3× full` from the per-layer records of a dims file."""
+    kinds = Counter(layer["kind"] + (f" (window {layer['window']})" if layer.get("window") else "")
+                    for layer in dims.get("layers", []))
+    return ", ".join(f"{n}× {kind}" for kind, n in kinds.items()) or NA
+
+
+def _training_rows(metrics):
+    rows = []
+    for arm, runs in metrics.items():
+        for seed, steps in seeded(runs).items():
+            last = steps[-1] if steps else {}
+            speeds = [s["tokens_per_s"] for s in steps if s.get("tokens_per_s") is not None]
+            speed = _cell(float(np.median(speeds))) if speeds else NA
+            rows.append([arm, seed, len(steps), _cell(last.get("loss")), _cell(last.get("ce")),
+                         speed, _cell(last.get("elapsed"))])
+    return rows
+
+
+def _alignment_rows(metrics):
+    """Per arm, each loss term's mean gradient alignment (align/<term>) over seeds and logged
+    steps; no rows when no run logged the diagnostic."""
+    rows = []
+    for arm, runs in metrics.items():
+        values = {}
+        for steps in seeded(runs).values():
+            for step in steps:
+                for key, value in step.items():
+                    if key.startswith("align/"):
+                        values.setdefault(key.removeprefix("align/"), []).append(value)
+        rows += [[arm, term, f"{np.mean(v):+.3f}", f"{np.min(v):+.3f} … {np.max(v):+.3f}",
+                  len(v)] for term, v in values.items()]
+    return rows
+
+
+def _facts_section(facts, metrics):
+    blocks = _key_values("Environment", facts.get("env"))
+    blocks += _key_values("Data", facts.get("data"))
+    blocks += _key_values("Evaluation settings", facts.get("evaluation"))
+    dims = facts.get("dims") or {}
+    if dims:
+        blocks.append({"kind": "heading", "text": "Model dimensions (measured from the KV cache)"})
+        header = ["model", "architecture", "layers", "KV heads", "head_dim", "KV dim total",
+                  "layer kinds", "notes"]
+        rows = [[name, *(_cell(d.get(k)) for k in ("architecture", "num_layers", "num_kv_heads",
+                                                   "head_dim", "kv_dim_total")),
+                 _layer_kinds(d), "; ".join(d.get("mismatches", [])) or "—"]
+                for name, d in dims.items()]
+        blocks.append({"kind": "table", "header": header, "rows": rows})
+    else:
+        blocks.append({"kind": "text", "text": f"Model dimensions: {NA}."})
+    storage = facts.get("kv_storage") or {}
+    if storage:
+        keys = list(dict.fromkeys(k for s in storage.values() for k in s))
+        blocks.append({"kind": "heading", "text": "KV storage"})
+        blocks.append({"kind": "table", "header": ["teacher", *keys],
+                       "rows": [[t, *(_cell(s.get(k)) for k in keys)] for t, s in storage.items()]})
+    else:
+        blocks.append({"kind": "text", "text": f"KV storage: {NA}."})
+    if metrics:
+        blocks.append({"kind": "heading", "text": "Training runs"})
+        blocks.append({"kind": "table", "header": ["arm", "seed", "steps", "final loss", "final CE",
+                                                   "median tokens/s", "elapsed (s)"],
+                       "rows": _training_rows(metrics)})
+        alignment = _alignment_rows(metrics)
+        if alignment:
+            blocks.append({"kind": "heading", "text": "Gradient alignment (train.diagnose_every)"})
+            blocks.append({"kind": "text", "text": (
+                "Cosine between each loss term's gradient on the student and the answer-CE "
+                "gradient on train rows held out of training. Above 0: the term pushes the "
+                "student where the held-out answers want it to go; near 0 or below: it does not "
+                "help at that point.")})
+            blocks.append({"kind": "table", "header": ["arm", "term", "mean cosine", "range",
+                                                       "measurements"], "rows": alignment})
+    benchmarks = facts.get("benchmarks") or {}
+    if benchmarks:
+        rows = []
+        for job, reps in benchmarks.items():
+            wall = [r["s"] for r in reps if r.get("s") is not None]
+            rss = [r["max_rss"] for r in reps if r.get("max_rss") is not None]
+            cpu = [r["cpu_time"] for r in reps if r.get("cpu_time") is not None]
+            rows.append([job, f"{np.mean(wall):.1f}" if wall else NA,
+                         f"{max(rss):.0f}" if rss else NA, f"{np.mean(cpu):.1f}" if cpu else NA])
+        blocks.append({"kind": "heading",
+                       "text": "Per-rule wall time and peak memory (Snakemake benchmarks)"})
+        blocks.append({"kind": "table", "rows": rows,
+                       "header": ["job", "wall time (s)", "peak RSS (MB)", "CPU time (s)"]})
+    else:
+        blocks.append({"kind": "text", "text": f"Per-rule wall time and peak memory: {NA}."})
+    return {"title": "Run facts", "blocks": blocks}
+
+
+def _markdown(title, sections):
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section['title']}", ""]
+        for block in section["blocks"]:
+            if block["kind"] == "table":
+                lines.append("| " + " | ".join(map(str, block["header"])) + " |")
+                lines.append("|" + " --- |" * len(block["header"]))
+                lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+                          for row in block["rows"]]
+            elif block["kind"] == "plot":
+                lines.append(f"*Plot: {block['title']} (embedded in report.html).*")
+            elif block["kind"] == "heading":
+                lines.append(f"### {block['text']}")
+            else:
+                lines.append(block["text"])
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_report(summary, evals, metrics, facts, title="kava report"):
+    """(report.html, report.md, plots) from build_summary's dict, EVALS, METRICS and FACTS
+    (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs; the
+    same plots come back as {name: PNG bytes} for tools that show figures one by one (e.g.
+    Snakemake's own report)."""
+    sections = [_summary_section(summary), _ab_section(summary),
+                _plots_section(summary, evals, metrics), _facts_section(facts, metrics)]
+    templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                            autoescape=True)
+    templates.filters["base64"] = lambda data: base64.b64encode(data).decode("ascii")
+    html = templates.get_template("report.html.j2").render(title=title, sections=sections)
+    plots = {block["name"]: block["png"] for section in sections
+             for block in section["blocks"] if block["kind"] == "plot"}
+    return html, _markdown(title, sections), plots
