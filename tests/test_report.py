@@ -118,7 +118,8 @@ def facts(tmp_path):
                            "head_dim": 32, "kv_dim_total": 128,
                            "mismatches": ["GQA: 1 KV heads serve 4 query heads"],
                            "layers": [{"kind": "sliding", "window": 16}] * 3 + [{"kind": "full"}]}},
-        "data": {"source": "generator", "rows_hash": "sha256:0123abcd", "test_rows": N},
+        "data": {"source": "generator", "rows_hash": "sha256:0123abcd", "test_rows": N,
+                 "splits.train.rows": 16},
         "kv_storage": {t: {"bytes_per_token": 1024, "dtype": "bfloat16", "key_space": "post-rope"}
                        for t in TEACHERS},
         "benchmarks": {"train/kv/seed0": read_benchmark(bench)},
@@ -317,6 +318,9 @@ def test_report_with_three_seeds_three_arms(facts):
     assert f"{cos['mean']:.3f} ± {cos['std']:.3f}" in text
     assert "per-head-mean baseline" in text
     assert "sha256:0123abcd" in md and "Plot: Training curves" in md
+    # The regime the comparison holds in, read from the run's data facts and training logs.
+    assert ("Training regime: 16 labelled training rows; each arm trained with 3 seed(s) for 20 "
+            "optimiser steps at peak LR 0.0001.") in text
 
 
 def test_report_single_seed_without_kv_scores(facts):
@@ -336,6 +340,7 @@ def test_report_single_seed_without_kv_scores(facts):
     assert "Held-out KV cosine heatmap: n/a" in text
     assert "Held-out KV R² per teacher" not in text
     assert "KV storage: n/a" in text and "Per-rule wall time and peak memory: n/a" in text
+    assert "Training regime: n/a labelled training rows; each arm trained with 1 seed(s)" in text
     assert not re.search(r"\d ± \d", text)  # one seed: no spread is claimed
     assert len(re.findall(r"data:image/png;base64,", html)) == 2
     assert sorted(plots) == ["accuracy_nll", "training_curves"]

@@ -37,7 +37,23 @@ def _pm(stat, fmt):
     return text if stat["std"] is None else f"{text} ± {fmt.format(stat['std'])}"
 
 
-def _summary_section(summary):
+def _regime(facts, metrics):
+    """The training regime the comparisons hold in, as the run's own files give it: an effect
+    measured with a few labelled rows and many epochs says nothing about a large-data regime."""
+    runs = [steps for seeds in metrics.values() for steps in seeds.values() if steps]
+    if not runs:
+        return None
+    rows = facts.get("data", {}).get("splits.train.rows", NA)
+    steps = sorted({run[-1]["step"] for run in runs})
+    peak_lr = sorted({max(step["lr"] for step in run) for run in runs})
+    seeds = sorted({len(seeds) for seeds in metrics.values()})
+    return (f"Training regime: {rows} labelled training rows; each arm trained with "
+            f"{'/'.join(map(str, seeds))} seed(s) for {'/'.join(map(str, steps))} optimiser "
+            f"steps at peak LR {'/'.join(f'{lr:.3g}' for lr in peak_lr)}. Differences between "
+            f"arms hold in this regime only.")
+
+
+def _summary_section(summary, facts, metrics):
     header = ["model", "seeds", "examples", "accuracy (%)", "accuracy 95 % CI", "NLL (nats/token)",
               "held-out KV R²", "raw KV cosine"]
     rows = []
@@ -56,15 +72,16 @@ def _summary_section(summary):
              "fp32. Held-out KV R²: a ridge probe from the student's KV to each teacher's KV at "
              "the mapped layer, fitted on train examples, scored on the test examples against "
              "the per-head-mean baseline (0: no more than a constant, 1: determines it); mean "
-             "over the arm's teachers and layers. Raw KV cosine: the student's KV against the "
+             "over the run's teachers (also those an arm did not learn from) and layers. Raw KV cosine: the student's KV against the "
              "teacher's through the trained projector, as training compares them; keys are "
              "dominated by their per-head mean, so a content-free predictor already scores high "
              "on it.")
     if any(m.get("same_tokenizer_as_init") is False for m in summary["models"].values()):
         notes += (" † This model tokenises differently from the student: its NLL is per token "
                   "of its own tokenizer and does not compare with the others'.")
-    blocks = [{"kind": "text", "text": notes},
-              {"kind": "table", "header": header, "rows": rows}]
+    regime = _regime(facts, metrics)
+    blocks = [*([{"kind": "text", "text": regime}] if regime else []),
+              {"kind": "text", "text": notes}, {"kind": "table", "header": header, "rows": rows}]
     for key, title in (("heldout_r2_per_teacher", "Held-out KV R² per teacher"),
                        ("heldout_cos_per_teacher", "Raw held-out KV cosine per teacher")):
         per_teacher = {label: m[key] for label, m in summary["models"].items() if m[key]}
@@ -294,7 +311,7 @@ def render_report(summary, evals, metrics, facts, title="kava report"):
     (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs; the
     same plots come back as {name: PNG bytes} for tools that show figures one by one (e.g.
     Snakemake's own report)."""
-    sections = [_summary_section(summary), _ab_section(summary),
+    sections = [_summary_section(summary, facts, metrics), _ab_section(summary),
                 _plots_section(summary, evals, metrics), _facts_section(facts, metrics)]
     templates = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                             autoescape=True)
