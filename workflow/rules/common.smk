@@ -37,18 +37,10 @@ def slurm_requests():
     """Per rule, what its SLURM jobs ask for: --cpus-per-task (cpus_per_task, else threads) and
     --mem (mem_mb). A value computed per job (a function) is not known before the DAG runs."""
     requests = {}
-    for rule in workflow.rules:
-        known = {name: resource.value for name, resource in rule.resources.items()
+    for definition in workflow.rules:
+        known = {name: resource.value for name, resource in definition.resources.items()
                  if not resource.is_evaluable()}
-        requests[rule.name] = {"cpus": known.get("cpus_per_task") or known.get("_cores", 1),
+        requests[definition.name] = {"cpus": known.get("cpus_per_task") or known.get("_cores", 1),
                                "mem_mb": known.get("mem_mb", 0)}
     return requests
 
-
-onstart:
-    # Before the first submission, where every rule's resources are final; the main process only.
-    if workflow.is_main_process and workflow.executor_plugin.name == "slurm":
-        problems = submission_problems(slurm_requests(), PATHS["scratch"],
-                                       partitions=partitions_from_sinfo())
-        if problems:
-            raise WorkflowError("kava: cannot submit to SLURM:\n" + "\n".join(problems))
