@@ -2,7 +2,7 @@
 # A real single-node SLURM on this machine, for the cluster tests (tests/test_slurm.py) and for
 # trying profiles/slurm by hand: munge, MariaDB with slurmdbd (the executor plugin reads job
 # states through sacct, so accounting must be on), slurmctld and slurmd. The node has the
-# machine's real CPUs and memory (`slurmd -C`) and one `gpu` gres backed by a device file, so
+# machine's real CPUs and memory (`slurmd -C`) and two `gpu` gres backed by device files, so
 # GPU rules get gres/gpu and CPU rules none, as on a cluster. Partition `kava`, account `kava`.
 #
 # Needs root and Debian/Ubuntu (it installs slurm-wlm, slurmdbd, mariadb-server, munge when
@@ -16,7 +16,9 @@ PARTITION=kava
 ACCOUNT=kava
 LOGS=/var/log/kava-slurm
 CONF=/etc/slurm
-GPU_FILE=/dev/kava-gpu0
+# Two gpus backed by device files (GPU jobs cannot otherwise share the node: on a two-core test
+# machine, one at a time would make the test run take twice as long).
+GPUS=2
 
 fail() { echo "start-local-slurm: $*" >&2; exit 1; }
 # Starts a daemon niced, detached from this shell so it outlives the caller.
@@ -65,10 +67,13 @@ mysql -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 
 # The node as slurmd sees it: real CPU topology and memory.
 NODE=$(slurmd -C | head -1) || fail "slurmd -C could not describe this machine"
-[ -e "$GPU_FILE" ] || mknod "$GPU_FILE" c 1 3 || fail "could not create $GPU_FILE for the gpu gres"
+for i in $(seq 0 $((GPUS - 1))); do
+    [ -e "/dev/kava-gpu$i" ] || mknod "/dev/kava-gpu$i" c 1 3 \
+        || fail "could not create /dev/kava-gpu$i for the gpu gres"
+done
 
 cat > "$CONF/slurm.conf.new" <<EOF
-# Written by tests/slurm/start-local-slurm.sh: one node, real CPUs and memory, one gpu gres.
+# Written by tests/slurm/start-local-slurm.sh: one node, real CPUs and memory, gpu gres.
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -98,10 +103,10 @@ KillWait=10
 MinJobAge=60
 SchedulerParameters=sched_interval=2
 ReturnToService=2
-$NODE Gres=gpu:1 NodeAddr=127.0.0.1 State=UNKNOWN
+$NODE Gres=gpu:$GPUS NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
-echo "NodeName=$HOST Name=gpu File=$GPU_FILE" > "$CONF/gres.conf.new"
+echo "NodeName=$HOST Name=gpu File=/dev/kava-gpu[0-$((GPUS - 1))]" > "$CONF/gres.conf.new"
 cat > "$CONF/slurmdbd.conf.new" <<EOF
 AuthType=auth/munge
 DbdHost=localhost
@@ -123,10 +128,13 @@ done
 if [ -z "$changed" ] && node_ready && sacct -n -X -S now > /dev/null 2>&1; then
     exit 0  # already running, as configured
 fi
-if [ -n "$changed" ] && scontrol ping 2> /dev/null | grep -q UP; then
-    scontrol reconfigure || fail "scontrol reconfigure refused the new slurm.conf (logs: $LOGS)"
+if [ -n "$changed" ]; then
+    # A new node definition (its gres) takes a restart of both daemons; running jobs survive it.
+    for daemon in slurmctld slurmd; do
+        [ -s "/run/slurm/$daemon.pid" ] && kill "$(cat "/run/slurm/$daemon.pid")" 2> /dev/null || true
+    done
+    wait_for 30 "the old slurmctld and slurmd to stop" bash -c '! pgrep -x slurmctld && ! pgrep -x slurmd'
 fi
-
 if ! sacctmgr -n show cluster > /dev/null 2>&1; then
     start slurmdbd
     wait_for 60 slurmdbd sacctmgr -n show cluster
