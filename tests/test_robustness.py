@@ -40,3 +40,75 @@ def test_pipeline_runs_with_odd_absolute_paths(odd_paths_run):
     for flag in ("--base-card", "--student-card", "--cka-maps"):
         assert f"{flag} '{results}/models/" in result.output or f"{flag} '{results}/layer_maps/" \
             in result.output, flag
+
+
+def planned_jobs(output):
+    """{rule: [(threads line, resources line, shell command)]} from a dry run's printout."""
+    jobs, rule, job = {}, None, {}
+    for line in output.splitlines():
+        if line.startswith(("rule ", "localrule ", "checkpoint ")):
+            rule, job = line.split()[1].rstrip(":"), {}
+        elif rule and line.strip().startswith(("threads:", "resources:")):
+            key, value = line.strip().split(":", 1)
+            job[key] = value.strip()
+        elif rule and line.startswith("Shell command:"):
+            jobs.setdefault(rule, []).append({**job, "shell": line})
+            rule = None
+    return jobs
+
+
+PROFILES = {
+    "local": (["--resources", "gpu=2"], {}),
+    # A dry run without --cores plans every job with one thread; a SLURM run is not capped.
+    "slurm": (["--cores", "64"], {"KAVA_SLURM_ACCOUNT": "acct", "KAVA_SLURM_PARTITION": "gpu"}),
+}
+
+
+def dry_run(tmp_path, profile, *extra, **config_changes):
+    def change(config):
+        config["threads"] = 2
+        config["train"].update(gpus=2, checkpoint_every=3, **config_changes)
+
+    args, env = PROFILES[profile]
+    return snakemake("-n", "--profile", f"profiles/{profile}", "--configfile",
+                     str(write_config(tmp_path, change)), "--nolock", *args, *extra,
+                     env={**env, "KAVA_OUTPUT_PATH": str(tmp_path / "out")})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_planned_jobs_carry_the_configured_threads_gpus_and_checkpoints(tmp_path, profile):
+    result = dry_run(tmp_path, profile)
+    assert result.returncode == 0, result.output[-3000:]
+    jobs = planned_jobs(result.stdout)
+    compute = [job for rule, runs in jobs.items() if rule not in ("probe", "report", "all")
+               for job in runs]
+    assert compute and all(job["threads"] == "2" and "--threads 2 " in job["shell"]
+                           for job in compute)
+    assert not any("cpus_per_task" in job["resources"] for job in compute)
+    assert len(jobs["train"]) == 2
+    for job in jobs["train"]:
+        assert "gpu=2" in job["resources"].split(", ")
+        assert "torchrun --standalone --nproc_per_node 2 -m stages.train" in job["shell"]
+        assert '"checkpoint_every": 3' in job["shell"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set-threads", "prepare=4"], "kava: error: --set-threads prepare=… (profile or command "
+     "line) overrides the config key threads; remove it and set threads"),
+    (["--set-resources", "train:gpu=1"], "kava: error: --set-resources train:gpu (profile or "
+     "command line) overrides the config key train.gpus; remove it and set train.gpus"),
+    (["--set-resources", "train:cpus_per_task=4"], "kava: error: --set-resources "
+     "train:cpus_per_task (profile or command line) overrides the config key threads (SLURM gets "
+     "cpus-per-task = threads); remove it and set threads"),
+    (["--default-resources", "cpus_per_task=4"], "kava: error: --default-resources cpus_per_task "
+     "(profile or command line) overrides the config key threads (SLURM gets cpus-per-task = "
+     "threads); remove it and set threads"),
+    (["--cores", "1"], "kava: error: the config key threads (2) exceeds --cores 1 (profile or "
+     "command line), which would cut it; lower threads or raise --cores"),
+    (["--resources", "gpu=1"], "kava: error: the config key train.gpus (2) exceeds the gpu "
+     "resource 1 (profile or --resources), which would cut it; raise it with --resources gpu=2"),
+])
+def test_an_override_of_the_config_is_refused_in_one_line(tmp_path, extra, message):
+    result = dry_run(tmp_path, "local", *extra)
+    assert result.returncode != 0
+    assert message in result.output.splitlines()

@@ -44,3 +44,43 @@ def slurm_requests():
                                "mem_mb": known.get("mem_mb", 0)}
     return requests
 
+
+
+def refuse_overrides(settings):
+    """A job's CPU threads come from the config key threads only, and a train job's GPUs from
+    train.gpus only: a profile's or the command line's --set-threads, --set-resources or
+    --default-resources would otherwise win over the config without a word."""
+    for rule_name in settings.overwrite_threads:
+        raise WorkflowError(f"kava: error: --set-threads {rule_name}=… (profile or command line) "
+                            f"overrides the config key threads; remove it and set threads")
+    overrides = [(f"--set-resources {rule_name}:", rule_name, name)
+                 for rule_name, resources in settings.overwrite_resources.items()
+                 for name in resources]
+    overrides += [("--default-resources ", None, name)
+                  for name in (settings.default_resources or {})]
+    for where, rule_name, name in overrides:
+        if name == "cpus_per_task":
+            raise WorkflowError(f"kava: error: {where}cpus_per_task (profile or command line) "
+                                f"overrides the config key threads (SLURM gets cpus-per-task = "
+                                f"threads); remove it and set threads")
+        if rule_name == "train" and name == "gpu":
+            raise WorkflowError(f"kava: error: {where}gpu (profile or command line) overrides "
+                                f"the config key train.gpus; remove it and set train.gpus")
+    # Snakemake cuts a job's threads down to --cores, and any resource down to its global limit
+    # (--resources), without a word. A dry run without --cores plans with 1 core, a display
+    # artefact (a SLURM run is not capped), so that one is let through.
+    cores_given = settings.cores and not (workflow.dryrun and settings.cores == 1)
+    if cores_given and config["threads"] > settings.cores:
+        raise WorkflowError(f"kava: error: the config key threads ({config['threads']}) exceeds "
+                            f"--cores {settings.cores} (profile or command line), which would cut "
+                            f"it; lower threads or raise --cores")
+    gpu_limit = getattr(settings._parsed_resources.get("gpu"), "value", None)
+    gpus = max(arm_config["gpus"] for arm_config in ARMS.values())
+    if gpu_limit is not None and gpus > gpu_limit:
+        raise WorkflowError(f"kava: error: the config key train.gpus ({gpus}) exceeds the gpu "
+                            f"resource {gpu_limit} (profile or --resources), which would "
+                            f"cut it; raise it with --resources gpu={gpus}")
+
+
+if workflow.is_main_process:
+    refuse_overrides(workflow.resource_settings)
