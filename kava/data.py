@@ -22,6 +22,7 @@ Subsets: `data.<split>_size` rows drawn by a shuffle seeded with `data.seed` (nu
 written in source order. The row hash covers id, question and answer of the written rows.
 """
 
+import codecs
 import hashlib
 import json
 import random
@@ -59,6 +60,11 @@ BAD_ROW_REASONS = {
 }
 
 
+# UTF-32's marks first: UTF-32-LE's starts with UTF-16-LE's.
+FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 class BadRow(Exception):
     """A row that cannot be used; `reason` is a key of BAD_ROW_REASONS."""
 
@@ -87,9 +93,28 @@ def check_row(record):
 def _jsonl_records(path):
     """(culprit, record or BadRow) per non-blank line. Parsed line by line so that a malformed
     row is reported as file:line; datasets' json loader names neither and rejects the whole
-    file, where on_bad_row: skip must keep the good rows."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    file, where on_bad_row: skip must keep the good rows. A file that is not UTF-8 is no bad
+    row but a bad file: that is an error whatever on_bad_row says."""
+    # Bytes, decoded line by line: a decoding error then names its line (a text stream decodes
+    # ahead in blocks). CRLF needs nothing: the \r is JSON whitespace.
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1:
+                bom = next((name for mark, name in FOREIGN_BOMS if raw.startswith(mark)), None)
+                if bom:
+                    raise KavaError(f"{path}: not UTF-8 but {bom} (it starts with a {bom} byte "
+                                    f"order mark); save it as UTF-8")
+                # Windows editors start UTF-8 files with a byte order mark.
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise KavaError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[err.start]:02x}, "
+                                f"byte {err.start + 1} of the line: latin-1 or cp1252?); "
+                                f"save it as UTF-8") from None
+            if "\x00" in line:
+                raise KavaError(f"{path}:{line_no}: not UTF-8 (NUL bytes: UTF-16 or UTF-32 "
+                                f"without a byte order mark?); save it as UTF-8")
             if not line.strip():
                 continue
             try:

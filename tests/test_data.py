@@ -230,3 +230,48 @@ def test_prepare_stage_bad_row_is_one_line_and_writes_nothing(tmp_path):
         f"kava: error: {folder}/test.jsonl:1: malformed JSON (Expecting property name enclosed "
         f"in double quotes, column 2) (data.on_bad_row: skip counts and skips such rows)"]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# ---- text encodings --------------------------------------------------------------------------
+
+ACCENTED = row(question="Zoé a 2 pommes et en achète 3. Combien ?")
+
+
+def write_encoded(folder, text, encoding):
+    """A split folder whose train.jsonl is `text` in `encoding` (test.jsonl plain UTF-8)."""
+    write_jsonl(folder, [])
+    (folder / "train.jsonl").write_bytes(text.encode(encoding))
+    return folder
+
+
+@pytest.mark.parametrize("encoding, newline", [("utf-8-sig", "\n"), ("utf-8", "\r\n"),
+                                               ("utf-8-sig", "\r\n")])
+def test_windows_jsonl_keeps_every_row(tmp_path, encoding, newline):
+    """A byte order mark (as Windows editors write it) and CRLF lines are valid UTF-8 JSONL:
+    under on_bad_row: skip no row may be lost to them."""
+    lines = [json.dumps(ACCENTED, ensure_ascii=False), json.dumps(row())]
+    folder = write_encoded(tmp_path / "d", "".join(line + newline for line in lines), encoding)
+    for on_bad_row in ("error", "skip"):
+        tables, info = prepare(config(path=str(folder), on_bad_row=on_bad_row))
+        assert [r["question"] for r in tables["train"]] == [ACCENTED["question"], row()["question"]]
+        assert info["splits"]["train"]["skipped"] == {}
+
+
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-16", "train.jsonl: not UTF-8 but UTF-16 (it starts with a UTF-16 byte order mark); "
+               "save it as UTF-8"),
+    ("utf-32", "train.jsonl: not UTF-8 but UTF-32 (it starts with a UTF-32 byte order mark); "
+               "save it as UTF-8"),
+    ("utf-16-le", "train.jsonl:1: not UTF-8 (NUL bytes: UTF-16 or UTF-32 without a byte order "
+                  "mark?); save it as UTF-8"),
+    ("latin-1", "train.jsonl:2: not UTF-8 (byte 0xe9, byte 17 of the line: latin-1 or cp1252?); "
+                "save it as UTF-8"),
+])
+def test_jsonl_in_another_encoding_is_named(tmp_path, encoding, message):
+    text = json.dumps(row()) + "\n" + json.dumps(ACCENTED, ensure_ascii=False) + "\n"
+    folder = write_encoded(tmp_path / "d", text, encoding)
+    # A wrong encoding is the file's fault, not a row's: skip does not hide it.
+    for on_bad_row in ("error", "skip"):
+        with pytest.raises(KavaError) as err:
+            prepare(config(path=str(folder), on_bad_row=on_bad_row))
+        assert str(err.value) == f"{folder}/{message}"
