@@ -1,24 +1,36 @@
 """Teacher KV shards on disk: the format, a streaming writer, the manifest and the reader.
 
 A shard is one safetensors file holding n examples packed without padding (T = their total
-tokens, H x D = the teacher's KV heads x head_dim, l = a stored teacher layer):
+tokens, H x D = the teacher's KV heads x head_dim, l = a stored teacher layer, G = the shard's
+scale groups, which are the batches of its forward):
 
     offsets        int64  [n+1]      example i is rows offsets[i]:offsets[i+1] of every [T, ...]
     input_ids      int32  [T]        the teacher's tokens of `text` (read back as int64)
     char_spans     int32  [T, 2]     [start, end) characters of `text` per token; (0, 0) for
                                      special tokens such as BOS
     k.<l>, v.<l>   dtype  [T, H, D]  bf16 / fp16 / fp32, or fp8 (float8_e4m3fn) with:
-    k_scale.<l>    f32    [n, H, D]  K = k * k_scale[i]: per example, per channel (keys have
-                                     outlier channels, so a channel shares one scale)
-    v_scale.<l>    f32    [T, H]     V = v * v_scale[..., None]: per token and head
+    group          int32  [n]        the scale group (forward batch) of each example
+    k_exp.<l>,     int8   [G, H, D]  K = k * 2**k_exp[group]: a power-of-two scale per group
+    v_exp.<l>                        and channel (keys have outlier channels, so a channel
+                                     shares one scale; one byte, so scales cost ~nothing)
+    or, for pca:
+    k.<l>, v.<l>   fp8    [T, r_l]   coefficients on the teacher's basis (fit_basis, stored once
+                                     per teacher in its basis file), with group, k_exp.<l>,
+                                     v_exp.<l> [G, r_l] per component:
+                                     K = mean_k.<l> + (k * 2**k_exp[group]) @ basis_k.<l>
 
 Its metadata (strings): format, teacher, weights_sha256, dtype, key_space, compute_dtype,
-layers, kv_shape, tokenizer and ids (JSON). Nothing in a shard depends on where or when it was
-written, so a rerun is bit-identical.
+layers, kv_shape, tokenizer, ids (JSON) and, for pca, basis_sha256. Nothing in a shard depends
+on where or when it was written, so a rerun is bit-identical.
+
+A basis file (`kv/<teacher>/basis.safetensors`) holds per stored layer and kind (k, v)
+`mean_<kind>.<l>` f32 [H*D] and `basis_<kind>.<l>` f32 [r_l, H*D] (orthonormal rows, the
+leading principal components of a sample of train KV), with metadata format, teacher,
+weights_sha256, key_space, layers, kv_shape, variance and examples.
 
 The manifest (`kv/<teacher>/<split>/manifest.json`) lists the shards with path (relative to
 the manifest unless absolute), sha256, examples, tokens, bytes and ids, plus the teacher's
-identity, tokenizer, dtype, key_space and layers.
+identity, tokenizer, dtype, key_space, layers and, for pca, the basis file's path and sha256.
 """
 
 import bisect
@@ -34,31 +46,41 @@ from safetensors import safe_open
 from kava.errors import KavaError
 from kava.io import read_json
 
-FORMAT = "kava-kv/1"
+FORMAT = "kava-kv/2"
+BASIS_FORMAT = "kava-basis/1"
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                  "fp8": torch.float8_e4m3fn}
+                  "fp8": torch.float8_e4m3fn, "pca": torch.float8_e4m3fn}
+# Formats whose stored values carry a power-of-two scale per group and channel.
+SCALED = ("fp8", "pca")
+KINDS = ("k", "v")
 # In the order safetensors lays tensors out (by its dtype enum, descending; then by name).
 SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
-                      torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+                      torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.int8: "I8"}
 DTYPE_ORDER = list(SAFETENSORS_DTYPES)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+# Exponents whose 2**e is a normal float32: the scale multiplies exactly.
+EXP_RANGE = (-126, 127)
 # What a training config may pin, and where the manifest keeps it.
 EXPECTABLE = {"teacher": ("teacher", "name"), "weights_sha256": ("teacher", "weights_sha256"),
               "dtype": ("dtype",), "key_space": ("key_space",), "layers": ("layers",)}
 
 
-def shard_layout(n_examples, n_tokens, layers, kv_shape, dtype):
-    """{tensor name: (torch dtype, shape)} of a shard."""
-    n_heads, head_dim = kv_shape
+def shard_layout(n_examples, n_tokens, layers, kv_shape, dtype, n_groups=1, ranks=None):
+    """{tensor name: (torch dtype, shape)} of a shard. `ranks` ({"k.<l>": r, ...}): the basis
+    components per layer and kind of a pca shard."""
     layout = {"offsets": (torch.int64, (n_examples + 1,)),
               "input_ids": (torch.int32, (n_tokens,)),
               "char_spans": (torch.int32, (n_tokens, 2))}
+    if dtype in SCALED:
+        layout["group"] = (torch.int32, (n_examples,))
     for layer in layers:
-        for kind in ("k", "v"):
-            layout[f"{kind}.{layer}"] = (STORAGE_DTYPES[dtype], (n_tokens, n_heads, head_dim))
-        if dtype == "fp8":
-            layout[f"k_scale.{layer}"] = (torch.float32, (n_examples, n_heads, head_dim))
-            layout[f"v_scale.{layer}"] = (torch.float32, (n_tokens, n_heads))
+        for kind in KINDS:
+            name = f"{kind}.{layer}"
+            channels = (ranks[name],) if dtype == "pca" else tuple(kv_shape)
+            layout[name] = (STORAGE_DTYPES[dtype], (n_tokens, *channels))
+            if dtype in SCALED:
+                layout[f"{kind}_exp.{layer}"] = (torch.int8, (n_groups, *channels))
     return layout
 
 
@@ -109,19 +131,63 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def quantize_fp8(k, v, valid):
-    """fp8 K and V of a padded batch ([B, T, H, D], `valid` [B, T] bool) and their scales:
-    K per example and channel [B, H, D] (pads excluded), V per token and head [B, T, H]."""
-    k, v = k.float(), v.float()
-    k_amax = (k.abs() * valid[:, :, None, None]).amax(dim=1)
-    v_amax = v.abs().amax(dim=-1)
-    # A channel or token that is all zeros keeps scale 1, so it stays exactly zero.
-    k_scale = torch.where(k_amax > 0, k_amax / FP8_MAX, torch.ones_like(k_amax))
-    v_scale = torch.where(v_amax > 0, v_amax / FP8_MAX, torch.ones_like(v_amax))
-    # Clamp: x / (amax / 448) can round a hair above 448, and e4m3fn has no inf to saturate to.
-    k_q = (k / k_scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    v_q = (v / v_scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return k_q, k_scale, v_q, v_scale
+def quantize_fp8(x, valid):
+    """x [B, T, *C] of a padded batch (`valid` [B, T]: its real tokens) → (float8_e4m3fn values,
+    int8 exponents [*C]) with x ≈ values * 2**exponent: per channel, the smallest power of two
+    that brings the channel's largest real magnitude within e4m3's range. A power of two makes
+    the scaling exact and fits one byte; a channel that is all zeros gets 2**0 and stays zero."""
+    x = x.float()
+    mask = valid.reshape(*valid.shape, *[1] * (x.dim() - 2))
+    amax = torch.where(mask, x.abs(), 0).amax(dim=(0, 1))
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / FP8_MAX)), 0).clamp(*EXP_RANGE)
+    # Clamp: log2 can round a hair low, and e4m3fn has no inf to saturate to.
+    values = (x * torch.exp2(-exp)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return values, exp.to(torch.int8)
+
+
+def write_basis(path, tensors, metadata):
+    """A basis file from {name: tensor} (mean_<kind>.<l> [H*D], basis_<kind>.<l> [r, H*D]);
+    returns its sha256."""
+    writer = ShardWriter(path, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()},
+                         {"format": BASIS_FORMAT, **metadata})
+    for name, tensor in tensors.items():
+        writer.tensors[name].copy_(tensor)
+    return writer.close()
+
+
+def read_basis(path, sha256, expected):
+    """{name: tensor} of a basis file, checked against `sha256` (the manifest's; None when the
+    caller has just hashed it itself) and `expected` metadata ({key: string}), and for a mean
+    and a basis of consistent shapes per stored layer and kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise KavaError(f"basis {path}: missing; rebuild it (rule kv_basis)")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise KavaError(f"basis {path}: sha256 differs from the manifest (corrupted or refitted)")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own error types for a malformed header
+        raise KavaError(f"basis {path}: not a readable safetensors file ({err})") from None
+    meta = handle.metadata() or {}
+    for key, value in {"format": BASIS_FORMAT, **expected}.items():
+        if meta.get(key) != value:
+            raise KavaError(f"basis {path}: metadata {key} is {meta.get(key)!r}, expected {value!r}")
+    tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    channels = int(np.prod(json.loads(meta["kv_shape"])))
+    for layer in json.loads(meta["layers"]):
+        for kind in KINDS:
+            mean, basis = tensors.get(f"mean_{kind}.{layer}"), tensors.get(f"basis_{kind}.{layer}")
+            if (mean is None or basis is None or tuple(mean.shape) != (channels,)
+                    or basis.dim() != 2 or basis.shape[1] != channels or basis.shape[0] < 1):
+                raise KavaError(f"basis {path}: mean_{kind}.{layer} / basis_{kind}.{layer} missing "
+                                f"or not [{channels}] / [rank, {channels}]")
+    return tensors
+
+
+def basis_ranks(basis):
+    """{"k.<l>": components, ...} of a basis file's tensors."""
+    return {name.removeprefix("basis_"): tensor.shape[0] for name, tensor in basis.items()
+            if name.startswith("basis_")}
 
 
 def build_manifest(card, data_info, split, shard_infos, manifest_path):
@@ -133,10 +199,10 @@ def build_manifest(card, data_info, split, shard_infos, manifest_path):
               "max_length", "on_too_long")
     first = shard_infos[0]
     for info in shard_infos:
-        differing = [key for key in shared if info[key] != first[key]]
+        differing = [key for key in (*shared, "basis") if info.get(key) != first.get(key)]
         if differing:
-            raise KavaError(f"shard {info['path']}: {differing[0]} {info[differing[0]]!r} differs "
-                            f"from shard {first['path']}'s {first[differing[0]]!r}")
+            raise KavaError(f"shard {info['path']}: {differing[0]} {info.get(differing[0])!r} "
+                            f"differs from shard {first['path']}'s {first.get(differing[0])!r}")
     rows = data_info["splits"][split]["rows"]
     covered = [row for info in shard_infos for row in range(*info["rows"])]
     if covered != list(range(rows)):
@@ -147,6 +213,11 @@ def build_manifest(card, data_info, split, shard_infos, manifest_path):
         raise KavaError(f"teacher {card['name']} split {split}: every example was skipped as longer "
                         f"than data.max_length {first['max_length']} (data.on_too_long: skip)")
     base = Path(manifest_path).parent
+
+    def relative(path):
+        return path if os.path.isabs(path) else os.path.relpath(path, base)
+
+    basis = first.get("basis")
     tokens = sum(info["tokens"] for info in shard_infos)
     n_bytes = sum(info["bytes"] for info in shard_infos)
     return {
@@ -164,8 +235,8 @@ def build_manifest(card, data_info, split, shard_infos, manifest_path):
         "truncated": sum(len(info["truncated"]) for info in shard_infos),
         "skipped": sum(len(info["skipped"]) for info in shard_infos),
         "skipped_ids": [i for info in shard_infos for i in info["skipped"]],
-        "shards": [{"path": info["path"] if os.path.isabs(info["path"])
-                    else os.path.relpath(info["path"], base),
+        "basis": basis and {"path": relative(basis["path"]), "sha256": basis["sha256"]},
+        "shards": [{"path": relative(info["path"]),
                     **{key: info[key] for key in ("sha256", "examples", "tokens", "bytes", "ids")}}
                    for info in shard_infos],
     }
@@ -182,7 +253,8 @@ class KVStore:
     `expect` pins what the caller's config asks for: any of teacher, weights_sha256, dtype,
     key_space (equal) and layers (each must be stored). Shards are verified (size, sha256,
     metadata) on first access to each, once per process. K/V of bf16/fp16/fp32 shards are
-    zero-copy views of the memory-mapped file; fp8 is dequantised to float32."""
+    zero-copy views of the memory-mapped file; fp8 and pca are dequantised to float32, each
+    layer's slice in one cast-and-scale (and for pca one matmul onto the basis)."""
 
     def __init__(self, manifest_path, expect=None):
         self.path = Path(manifest_path)
@@ -193,10 +265,17 @@ class KVStore:
         shards = self.manifest.get("shards")
         if not shards:
             raise KavaError(f"manifest {self.path}: lists no shards")
+        if self.manifest.get("format") != FORMAT:
+            raise KavaError(f"manifest {self.path}: format {self.manifest.get('format')!r}, this "
+                            f"reader reads {FORMAT}; recompute the store")
         self._check_expect(expect or {})
         self.layers = list(self.manifest["layers"])
         self.kv_shape = tuple(self.manifest["kv_shape"])
         self.dtype = self.manifest["dtype"]
+        if self.dtype not in STORAGE_DTYPES:
+            raise KavaError(f"manifest {self.path}: unknown storage dtype {self.dtype!r} "
+                            f"(known: {', '.join(STORAGE_DTYPES)})")
+        self.basis = self._basis() if self.dtype == "pca" else None
         self.ids = [example_id for shard in shards for example_id in shard["ids"]]
         self._index = {example_id: i for i, example_id in enumerate(self.ids)}
         if len(self._index) != len(self.ids):
@@ -216,6 +295,21 @@ class KVStore:
             if missing or (field != "layers" and stored != wanted):
                 raise KavaError(f"manifest {self.path}: {field} is {stored!r}, the config asks for "
                                 f"{wanted!r}")
+
+    def _basis(self):
+        entry = self.manifest.get("basis") or {}
+        if "path" not in entry:
+            raise KavaError(f"manifest {self.path}: a pca store without a basis entry")
+        return read_basis((self.path.parent / entry["path"]).resolve(), entry["sha256"],
+                          self._identity())
+
+    def _identity(self):
+        """Shard (and basis) metadata that must equal the manifest's, as stored strings."""
+        return {"teacher": self.manifest["teacher"]["name"],
+                "weights_sha256": self.manifest["teacher"]["weights_sha256"],
+                "key_space": self.manifest["key_space"],
+                "layers": json.dumps(self.manifest["layers"]),
+                "kv_shape": json.dumps(self.manifest["kv_shape"])}
 
     def __len__(self):
         return len(self.ids)
@@ -246,15 +340,19 @@ class KVStore:
             _VERIFIED.add((str(path), entry["sha256"]))
         handle = safe_open(str(path), framework="pt")
         meta = handle.metadata()
-        expected = {"format": FORMAT, "teacher": self.manifest["teacher"]["name"],
-                    "weights_sha256": self.manifest["teacher"]["weights_sha256"],
-                    "dtype": self.dtype, "key_space": self.manifest["key_space"],
-                    "layers": json.dumps(self.manifest["layers"]), "ids": json.dumps(entry["ids"])}
+        expected = {"format": FORMAT, **self._identity(), "dtype": self.dtype,
+                    "ids": json.dumps(entry["ids"])}
+        if self.dtype == "pca":
+            expected["basis_sha256"] = self.manifest["basis"]["sha256"]
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise KavaError(f"shard {path}: metadata {key} does not match {self.path}")
         # get_tensor views the file's one memory map; slicing these views copies nothing.
-        return {name: handle.get_tensor(name) for name in handle.keys()}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        for name in [name for name in tensors if "_exp." in name]:
+            # 2**exp, once per shard: [groups, channels], a few KB.
+            tensors[name.replace("_exp.", "_scale.")] = torch.exp2(tensors.pop(name).float())
+        return tensors
 
     def example(self, i):
         """{id, input_ids [T], char_spans [T, 2], k {layer: [T, H, D]}, v {layer: [T, H, D]}}."""
@@ -264,12 +362,16 @@ class KVStore:
         local = i - self._starts[number]
         tensors = self._shard(number)
         start, end = tensors["offsets"][local:local + 2].tolist()
-        k, v = {}, {}
+        group = tensors["group"][local].item() if self.dtype in SCALED else None
+        out = {"k": {}, "v": {}}
         for layer in self.layers:
-            k[layer] = tensors[f"k.{layer}"][start:end]
-            v[layer] = tensors[f"v.{layer}"][start:end]
-            if self.dtype == "fp8":
-                k[layer] = k[layer].float() * tensors[f"k_scale.{layer}"][local]
-                v[layer] = v[layer].float() * tensors[f"v_scale.{layer}"][start:end, :, None]
+            for kind in KINDS:
+                values = tensors[f"{kind}.{layer}"][start:end]
+                if group is not None:
+                    values = values.float().mul_(tensors[f"{kind}_scale.{layer}"][group])
+                if self.dtype == "pca":
+                    values = torch.addmm(self.basis[f"mean_{kind}.{layer}"], values,
+                                         self.basis[f"basis_{kind}.{layer}"]).view(-1, *self.kv_shape)
+                out[kind][layer] = values
         return {"id": self.ids[i], "input_ids": tensors["input_ids"][start:end].long(),
-                "char_spans": tensors["char_spans"][start:end].long(), "k": k, "v": v}
+                "char_spans": tensors["char_spans"][start:end].long(), **out}

@@ -13,6 +13,11 @@ Compute dtype: `auto` is the job's own device precision (kava.environment.detect
 bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32); fp32 gives exact hand-checkable
 values. On CPU the result is bit-identical between runs for a given configuration.
 
+Storage: bf16/fp16/fp32 as computed; fp8 with a power-of-two scale per forward batch and
+channel; pca: the coefficients on the teacher's basis (fit_basis: per layer and kind, the
+principal components of a sample of train KV that keep `variance` of its variance), in fp8
+the same way.
+
 On a GPU, each batch's K/V are copied to pinned host memory on a side stream and written into
 the memory-mapped shard by a writer thread while the next batch runs.
 """
@@ -26,14 +31,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kava.align import auto_layer_map, pruned_from
+from kava.align import pruned_from
 from kava.capture import attention_shape, decoder_layers, forward_kv
 from kava.data import rows_sha256
+from kava.distill import layer_map
 from kava.environment import detect_device, detect_precision
 from kava.errors import KavaError
 from kava.io import write_json
-from kava.kvstore import (FORMAT, STORAGE_DTYPES, ShardWriter, build_manifest, quantize_fp8,
-                          sha256_file, shard_layout)
+from kava.kvstore import (FORMAT, KINDS, SCALED, STORAGE_DTYPES, ShardWriter, basis_ranks,
+                          build_manifest, quantize_fp8, read_basis, sha256_file, shard_layout,
+                          write_basis)
 from kava.models import load_model, load_tokenizer
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,15 +56,22 @@ def compute_dtype(name):
     return name, COMPUTE_DTYPES[name]
 
 
-def select_layers(spec, n_teacher, student_card=None, teacher="teacher"):
-    """Sorted teacher layer indices to store. `mapped`: the layers of the auto layer map
-    (kava.align.auto_layer_map) from the student onto this teacher."""
+def select_layers(spec, n_teacher, student_card=None, teacher="teacher", arms=None):
+    """Sorted teacher layer indices to store. `mapped`: every layer some arm's layer map uses
+    (`arms`: {arm: {layer_map, explicit_layer_map}}; None: one arm with the auto map), all of
+    them if an arm picks its map by CKA, which searches the stored layers."""
     if spec == "all":
         return list(range(n_teacher))
     if spec == "mapped":
-        mapping, _ = auto_layer_map(student_card["num_layers"], n_teacher, teacher,
-                                    pruned_from(student_card))
-        return sorted(set(mapping))
+        used = set()
+        for arm in (arms or {"auto": {"layer_map": "auto"}}).values():
+            if arm["layer_map"] == "cka":
+                return list(range(n_teacher))
+            mapping, _ = layer_map(arm["layer_map"], student_card["num_layers"], n_teacher,
+                                   teacher, range(n_teacher), arm.get("explicit_layer_map"),
+                                   pruned=pruned_from(student_card))
+            used.update(mapping)
+        return sorted(used)
     bad = [layer for layer in spec if not 0 <= layer < n_teacher]
     if bad:
         raise KavaError(f"precompute.layers {bad} out of range for teacher {teacher} "
@@ -117,16 +131,32 @@ def pad_batch(sequences):
     return input_ids, valid
 
 
-def _storage_tensors(kv, valid, dtype):
-    """{shard tensor name: batch tensor [B, T, ...] or, for k_scale, [B, H, D]}."""
+def _storage_tensors(kv, valid, dtype, basis=None):
+    """{shard tensor name: batch tensor [B, T, ...], or for the exponents [channels]}."""
     out = {}
-    for layer, (k, v) in kv.items():
-        if dtype == "fp8":
-            (out[f"k.{layer}"], out[f"k_scale.{layer}"],
-             out[f"v.{layer}"], out[f"v_scale.{layer}"]) = quantize_fp8(k, v, valid)
-        else:
-            out[f"k.{layer}"] = k.to(STORAGE_DTYPES[dtype])
-            out[f"v.{layer}"] = v.to(STORAGE_DTYPES[dtype])
+    for layer, pair in kv.items():
+        for kind, x in zip(KINDS, pair):
+            name = f"{kind}.{layer}"
+            if dtype == "pca":
+                x = torch.addmm(basis[f"shift_{kind}.{layer}"], x.flatten(2).flatten(0, 1).float(),
+                                basis[f"project_{kind}.{layer}"]).view(*x.shape[:2], -1)
+            if dtype in SCALED:
+                out[name], out[f"{kind}_exp.{layer}"] = quantize_fp8(x, valid)
+            else:
+                out[name] = x.to(STORAGE_DTYPES[dtype])
+    return out
+
+
+def projection(basis, device):
+    """The basis file's tensors as the writer applies them: coefficients = x @ project + shift
+    (project = basis^T, shift = -mean @ basis^T), on the forward's device."""
+    out = {}
+    for name, tensor in basis.items():
+        if name.startswith("basis_"):
+            kind_layer = name.removeprefix("basis_")
+            project = tensor.T.contiguous().to(device)
+            out[f"project_{kind_layer}"] = project
+            out[f"shift_{kind_layer}"] = -(basis[f"mean_{kind_layer}"].to(device) @ project)
     return out
 
 
@@ -148,23 +178,24 @@ def _to_host(tensors, copy_stream):
     return host, event
 
 
-def _write_batch(writer, batch, lengths, offsets, host, event):
+def _write_batch(writer, number, batch, lengths, offsets, host, event):
     if event is not None:
         event.synchronize()
     for name, tensor in host.items():
         target = writer.tensors[name]
+        if "_exp." in name:
+            target[number].copy_(tensor)
+            continue
         for row, index in enumerate(batch):
-            if name.startswith("k_scale."):
-                target[index].copy_(tensor[row])
-            else:
-                target[offsets[index]:offsets[index] + lengths[index]].copy_(
-                    tensor[row, :lengths[index]])
+            target[offsets[index]:offsets[index] + lengths[index]].copy_(
+                tensor[row, :lengths[index]])
 
 
 def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_space, dtype,
-                     max_length, on_too_long, batch_tokens, progress_label="shard"):
+                     max_length, on_too_long, batch_tokens, basis=None, progress_label="shard"):
     """Write the shard of `rows` ({id, text}) to `path`; return its sidecar record.
-    `identity`: teacher, weights_sha256, tokenizer (tokenizer_identity) and compute_dtype."""
+    `identity`: teacher, weights_sha256, tokenizer (tokenizer_identity) and compute_dtype.
+    `basis` (pca only): {"path", "sha256", "tensors"} of the teacher's basis file."""
     kept, truncated, skipped = tokenize(tokenizer, rows, max_length, on_too_long,
                                         identity["teacher"])
     lengths = [len(ids) for _, ids, _ in kept]
@@ -176,13 +207,26 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
     ids = [rows[position]["id"] for position, _, _ in kept]
     record = {**identity, "dtype": dtype, "key_space": key_space, "layers": layers,
               "kv_shape": list(kv_shape), "max_length": max_length, "on_too_long": on_too_long}
+    extra = {"format": FORMAT, "ids": ids}
+    if (dtype == "pca") != (basis is not None):
+        raise KavaError(f"teacher {identity['teacher']}: a basis goes with dtype pca and only "
+                        f"with it (dtype {dtype})")
+    if basis is not None:
+        record["basis"] = {"path": str(basis["path"]), "sha256": basis["sha256"]}
+        extra["basis_sha256"] = basis["sha256"]
     metadata = {key: value if isinstance(value, str) else json.dumps(value)
-                for key, value in {**record, "format": FORMAT, "ids": ids}.items()}
+                for key, value in {**record, **extra}.items() if key != "basis"}
     device = next(model.parameters()).device
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    layout = shard_layout(len(kept), offsets[-1], layers, kv_shape, dtype)
+    batches = length_batches(lengths, batch_tokens)
+    layout = shard_layout(len(kept), offsets[-1], layers, kv_shape, dtype, len(batches),
+                          basis and basis_ranks(basis["tensors"]))
+    projected = basis and projection(basis["tensors"], device)
     writer = ShardWriter(path, layout, metadata)
     writer.tensors["offsets"].copy_(torch.tensor(offsets))
+    if dtype in SCALED:
+        for number, batch in enumerate(batches):
+            writer.tensors["group"][batch] = number
     for index, (_, token_ids, spans) in enumerate(kept):
         writer.tensors["input_ids"][offsets[index]:offsets[index + 1]] = torch.tensor(token_ids)
         writer.tensors["char_spans"][offsets[index]:offsets[index + 1]] = torch.tensor(spans)
@@ -190,13 +234,15 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
         pending = deque()
         bar = stack.enter_context(tqdm(total=offsets[-1], desc=progress_label, unit="tok"))
-        for batch in length_batches(lengths, batch_tokens):
+        for number, batch in enumerate(batches):
             input_ids, valid = pad_batch([kept[index][1] for index in batch])
             with torch.inference_mode():
                 kv = forward_kv(model, input_ids.to(device), valid.long().to(device), layers,
                                 key_space)
-                host, event = _to_host(_storage_tensors(kv, valid.to(device), dtype), copy_stream)
-            pending.append(pool.submit(_write_batch, writer, batch, lengths, offsets, host, event))
+                host, event = _to_host(_storage_tensors(kv, valid.to(device), dtype, projected),
+                                       copy_stream)
+            pending.append(pool.submit(_write_batch, writer, number, batch, lengths, offsets,
+                                       host, event))
             while len(pending) >= IN_FLIGHT:
                 pending.popleft().result()
             bar.update(sum(lengths[i] for i in batch))
@@ -208,25 +254,98 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
             "sha256": sha256}
 
 
-def precompute_split(card, rows, folder, *, examples_per_shard, compute="fp32", layers=None,
-                     split="train", **options):
-    """Everything the precompute and kv_manifest stages do for one teacher x split, in one
-    process: shards and the manifest under `folder`; returns the manifest path. For benchmarks
-    and tests; the pipeline runs a job per shard instead. `options`: precompute_shard's
-    key_space, dtype, max_length, on_too_long and batch_tokens."""
+def load_teacher(card, compute):
+    """(model on this job's device, tokenizer, identity for precompute_shard / fit_basis) of a
+    teacher card, in `precompute.compute_dtype` `compute`."""
     name, dtype = compute_dtype(compute)
     model = load_model(card, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(card["dir"])
     identity = {"teacher": card["name"], "weights_sha256": card["weights_sha256"],
                 "tokenizer": tokenizer_identity(tokenizer, card["dir"]), "compute_dtype": name}
+    return model, tokenizer, identity
+
+
+def basis_identity(teacher, weights_sha256, key_space, layers, kv_shape):
+    """The metadata a basis file shares with the shards and manifest that use it (strings)."""
+    return {"teacher": teacher, "weights_sha256": weights_sha256, "key_space": key_space,
+            "layers": json.dumps(layers), "kv_shape": json.dumps(list(kv_shape))}
+
+
+def fit_basis(model, tokenizer, rows, path, *, identity, layers, key_space, max_length,
+              batch_tokens, variance):
+    """Fit the pca basis on `rows` ({id, text}; truncated to max_length) and write it to `path`:
+    per stored layer and kind, the mean K (or V) vector [H*D] over the rows' real tokens and
+    the fewest principal components [r, H*D] that keep `variance` of the variance around it.
+    Returns {"path", "sha256", "tensors", "explained": {"k.<l>": kept fraction, ...}}."""
+    kept, _, _ = tokenize(tokenizer, rows, max_length, "truncate", identity["teacher"])
+    device = next(model.parameters()).device
+    kv_shape = attention_shape(decoder_layers(model)[layers[0]].self_attn)
+    # Running sums in float64 over tokens: the covariance needs no token kept in memory.
+    sums, grams, count = {}, {}, 0
+    for batch in length_batches([len(ids) for _, ids, _ in kept], batch_tokens):
+        input_ids, valid = pad_batch([kept[index][1] for index in batch])
+        valid = valid.to(device)
+        with torch.inference_mode():
+            kv = forward_kv(model, input_ids.to(device), valid.long(), layers, key_space)
+        count += int(valid.sum())
+        for layer, pair in kv.items():
+            for kind, x in zip(KINDS, pair):
+                vectors = x[valid].flatten(1).double()
+                name = f"{kind}.{layer}"
+                sums[name] = sums.get(name, 0) + vectors.sum(0)
+                grams[name] = grams.get(name, 0) + vectors.T @ vectors
+    tensors, explained = {}, {}
+    for name in sums:
+        mean = sums[name] / count
+        eigenvalues, eigenvectors = torch.linalg.eigh(grams[name] / count - torch.outer(mean, mean))
+        # eigh sorts ascending; rounding can leave tiny negative variances.
+        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+        fraction = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        rank = min(int((fraction < variance).sum()) + 1, len(eigenvalues))
+        tensors[f"mean_{name}"] = mean.float().cpu()
+        tensors[f"basis_{name}"] = eigenvectors[:, :rank].T.float().contiguous().cpu()
+        explained[name] = round(fraction[rank - 1].item(), 6)
+    metadata = {**basis_identity(identity["teacher"], identity["weights_sha256"], key_space,
+                                 layers, kv_shape),
+                "variance": json.dumps(variance), "examples": json.dumps(len(kept)),
+                "explained": json.dumps(explained)}
+    sha256 = write_basis(path, tensors, metadata)
+    return {"path": str(path), "sha256": sha256, "tensors": tensors, "explained": explained}
+
+
+def load_basis(path, *, identity, layers, key_space, kv_shape):
+    """A basis file for precompute_shard, checked against the teacher and store it serves."""
+    sha256 = sha256_file(path)
+    expected = basis_identity(identity["teacher"], identity["weights_sha256"], key_space, layers,
+                              kv_shape)
+    return {"path": str(path), "sha256": sha256, "tensors": read_basis(path, None, expected)}
+
+
+def precompute_split(card, rows, folder, *, examples_per_shard, compute="fp32", layers=None,
+                     split="train", basis_rows=None, variance=0.99, **options):
+    """Everything the kv_basis, precompute and kv_manifest stages do for one teacher x split, in
+    one process: shards (and for dtype pca the basis, fitted on `basis_rows`, default `rows`) and
+    the manifest under `folder`; returns the manifest path. For benchmarks and tests; the
+    pipeline runs a job per shard instead. `options`: precompute_shard's key_space, dtype,
+    max_length, on_too_long and batch_tokens."""
+    model, tokenizer, identity = load_teacher(card, compute)
     layers = list(range(card["num_layers"])) if layers is None else layers
+    basis = None
+    if options["dtype"] == "pca":
+        basis_path = Path(folder) / "kv" / "basis.safetensors"
+        basis_path.parent.mkdir(parents=True, exist_ok=True)
+        basis = fit_basis(model, tokenizer, rows if basis_rows is None else basis_rows, basis_path,
+                          identity=identity, layers=layers, key_space=options["key_space"],
+                          max_length=options["max_length"], batch_tokens=options["batch_tokens"],
+                          variance=variance)
     infos = []
     for number, start in enumerate(range(0, len(rows), examples_per_shard)):
         path = Path(folder) / "scratch" / f"shard-{number:05d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         part = rows[start:start + examples_per_shard]
         record = precompute_shard(model, tokenizer, part, path, identity=identity,
-                                  layers=layers, progress_label=f"{card['name']} {split} shard {number}",
+                                  layers=layers, basis=basis,
+                                  progress_label=f"{card['name']} {split} shard {number}",
                                   **options)
         infos.append({**record, "path": str(path), "rows": [start, start + len(part)]})
     data_info = {"source": "in-process", "path": None,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kava.errors import KavaError
-from kava.kvstore import KVStore, ShardWriter, build_manifest, sha256_file
+from kava.kvstore import KVStore, ShardWriter, build_manifest, quantize_fp8, sha256_file
 from kava.models import load_tokenizer
 from kava.precompute import precompute_split
 from kava.synthetic import generate
@@ -176,22 +176,114 @@ def test_writer_is_a_valid_deterministic_safetensors_file(tmp_path):
     assert (tmp_path / "w3.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+def test_fp8_quantisation_by_hand():
+    # One example of 3 tokens (the 4th a pad), 3 channels. Channel 0's largest real magnitude
+    # is 1000: 1000 / 448 = 2.23, so its scale is the next power of two, 2**2; 3.0 is stored as
+    # 0.75 (exact in e4m3) and -1000 as -250, which e4m3 (steps of 16 in [128, 256)) rounds to
+    # -256. Channel 1 peaks at 0.1: 0.1 / 448 → 2**-12; the pad's
+    # 5000 is not a real token and must not set the scale. An all-zero channel keeps 2**0.
+    x = torch.tensor([[[3.0, 0.1, 0.0], [-1000.0, 0.05, 0.0], [0.5, -0.1, 0.0],
+                       [5000.0, 5000.0, 0.0]]])
+    valid = torch.tensor([[True, True, True, False]])
+    values, exp = quantize_fp8(x, valid)
+    assert values.dtype == torch.float8_e4m3fn and exp.dtype == torch.int8
+    assert exp.tolist() == [2, -12, 0]
+    assert values[0, 0, 0].item() == 0.75 and values[0, 1, 0].item() == -256.0
+    restored = values.float() * torch.exp2(exp.float())
+    assert restored[0, 0, 0].item() == 3.0 and restored[0, 1, 0].item() == -1024.0
+    assert restored[0, :3, 2].tolist() == [0.0, 0.0, 0.0]
+    # 0.1 * 2**12 = 409.6 → e4m3 has 3 mantissa bits: 416 (2**8 * 1.625), i.e. 0.1015625.
+    assert restored[0, 0, 1].item() == 416 * 2.0 ** -12
+
+
 def test_fp8_store_dequantises_to_float32_close_to_fp32(tiny_card, tmp_path):
     card = tiny_card("qwen3")
     rows = synthetic_rows(4)
     exact = KVStore(build_store(card, rows, tmp_path / "fp32", dtype="fp32"))
-    fp8 = KVStore(build_store(card, rows, tmp_path / "fp8", dtype="fp8"))
+    fp8 = KVStore(build_store(card, rows, tmp_path / "fp8", dtype="fp8", batch_tokens=64))
     shards = fp8.manifest["shards"]
+    # fp8 bytes per value plus one byte per channel and forward batch: under a quarter of fp32.
     assert exact.manifest["bytes"] > 3 * fp8.manifest["bytes"]
     tensors = load_file((fp8.path.parent / shards[0]["path"]).resolve())
-    assert tensors["k.0"].dtype == torch.float8_e4m3fn
-    assert tensors["k_scale.0"].shape == (4, 3, 16) and tensors["v_scale.0"].shape == (fp8.manifest["tokens"], 3)
+    assert tensors["k.0"].dtype == torch.float8_e4m3fn and tensors["k_exp.0"].dtype == torch.int8
+    groups = tensors["group"].max().item() + 1
+    assert groups > 1 and tensors["k_exp.0"].shape == tensors["v_exp.0"].shape == (groups, 3, 16)
     for i in range(4):
+        example = fp8.example(i)
+        group = tensors["group"][i].item()
+        start, end = tensors["offsets"][i:i + 2].tolist()
         for layer in fp8.layers:
             for kind in ("k", "v"):
-                got, want = fp8.example(i)[kind][layer], exact.example(i)[kind][layer]
+                got, want = example[kind][layer], exact.example(i)[kind][layer]
                 assert got.dtype == torch.float32 and got.shape == want.shape
+                # The reader's dequantisation is exactly value * 2**exponent of its group.
+                scale = torch.exp2(tensors[f"{kind}_exp.{layer}"][group].float())
+                assert torch.equal(got, tensors[f"{kind}.{layer}"][start:end].float() * scale)
                 cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1), dim=1)
                 assert (1 - cosine).mean() < 2e-3, (kind, layer)
-                # Per-channel/per-token scales: the largest magnitude of each group is exact-ish.
-                assert torch.allclose(got.abs().amax(), want.abs().amax(), rtol=1 / 16)
+
+
+def test_pca_store_reconstructs_from_its_basis(tiny_card, tmp_path):
+    card = tiny_card("qwen3")
+    rows, held_out = synthetic_rows(4), synthetic_rows(2, "test")
+    exact = KVStore(build_store(card, held_out, tmp_path / "fp32", dtype="fp32"))
+    manifest = build_store(card, held_out, tmp_path / "pca", dtype="pca", basis_rows=rows,
+                           variance=0.999)
+    pca = KVStore(manifest)
+    assert pca.manifest["format"] == "kava-kv/2"
+    assert pca.manifest["basis"]["path"] == str(manifest.parent / "basis.safetensors")
+    basis = load_file(manifest.parent / "basis.safetensors")
+    shard = load_file((pca.path.parent / pca.manifest["shards"][0]["path"]).resolve())
+    for layer in pca.layers:
+        for kind in ("k", "v"):
+            components = basis[f"basis_{kind}.{layer}"]
+            rank = components.shape[0]
+            assert shard[f"{kind}.{layer}"].shape == (pca.manifest["shards"][0]["tokens"], rank)
+            # Orthonormal components, fewer than the 48 channels where 99.9 % allows it.
+            assert torch.allclose(components @ components.T, torch.eye(rank), atol=1e-5)
+    first = pca.example(0)
+    start, end = shard["offsets"][0:2].tolist()
+    group = shard["group"][0].item()
+    for layer in pca.layers:
+        coefficients = shard[f"v.{layer}"][start:end].float() * torch.exp2(
+            shard[f"v_exp.{layer}"][group].float())
+        by_hand = basis[f"mean_v.{layer}"] + coefficients @ basis[f"basis_v.{layer}"]
+        assert torch.allclose(first["v"][layer], by_hand.view(-1, 3, 16), atol=1e-6)
+    # Fitted on other rows, the basis still reconstructs the held-out KV closely.
+    for i in range(len(exact)):
+        for kind in ("k", "v"):
+            for layer in pca.layers:
+                got, want = pca.example(i)[kind][layer], exact.example(i)[kind][layer]
+                residual = (got - want).square().sum() / (want - want.mean(0)).square().sum()
+                assert residual < 0.05, (kind, layer, residual)
+
+
+def test_bad_format_dtype_and_basis_are_named(tiny_card, tmp_path):
+    card = tiny_card("qwen3")
+    manifest = build_store(card, synthetic_rows(2), tmp_path / "pca", dtype="pca")
+    original = manifest.read_text()
+    data = json.loads(original)
+    manifest.write_text(json.dumps({**data, "format": "kava-kv/1"}))
+    with pytest.raises(KavaError, match=r"format 'kava-kv/1', this reader reads kava-kv/2"):
+        KVStore(manifest)
+    manifest.write_text(json.dumps({**data, "dtype": "fp4"}))
+    with pytest.raises(KavaError, match=r"unknown storage dtype 'fp4'"):
+        KVStore(manifest)
+    manifest.write_text(original)
+    basis = manifest.parent / "basis.safetensors"
+    tensors = load_file(basis)
+    blob = bytearray(basis.read_bytes())
+    blob[-1] ^= 0xFF
+    basis.write_bytes(bytes(blob))
+    with pytest.raises(KavaError, match=rf"basis {basis}: sha256 differs"):
+        KVStore(manifest)
+    # A basis that hashes as listed but lacks a layer's components (e.g. rewritten by hand).
+    save_file({name: t for name, t in tensors.items() if name != "basis_k.1"}, basis,
+              metadata={"format": "kava-basis/1"})
+    manifest.write_text(json.dumps({**data, "basis": {"path": "basis.safetensors",
+                                                      "sha256": sha256_file(basis)}}))
+    with pytest.raises(KavaError, match=rf"basis {basis}: metadata teacher is None"):
+        KVStore(manifest)
+    basis.unlink()
+    with pytest.raises(KavaError, match=rf"basis {basis}: missing"):
+        KVStore(manifest)

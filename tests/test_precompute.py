@@ -180,6 +180,15 @@ def test_layer_selection():
     assert select_layers("mapped", 30, pruned, "smollm2") == [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
     assert select_layers("mapped", 30, pruned, "other") == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     assert select_layers([5, 1, 5], 6) == [1, 5]
+    # Several arms: every layer one of their maps reads, and every layer when one picks by CKA.
+    arms = {"kv": {"layer_map": "auto"}, "ratio": {"layer_map": "ratio"},
+            "hand": {"layer_map": "explicit", "explicit_layer_map": {"smollm2": [1] * 10}}}
+    assert select_layers("mapped", 30, pruned, "smollm2", arms) == sorted(
+        {0, 3, 6, 9, 12, 15, 18, 21, 24, 29, 10, 13, 16, 19, 23, 26, 1})
+    assert select_layers("mapped", 30, pruned, "smollm2", {**arms, "c": {"layer_map": "cka"}}) \
+        == list(range(30))
+    with pytest.raises(KavaError, match="explicit_layer_map has no entry for teacher other"):
+        select_layers("mapped", 30, pruned, "other", arms)
     with pytest.raises(KavaError, match=r"precompute.layers \[6\] out of range for teacher t"):
         select_layers([1, 6], 6, teacher="t")
 

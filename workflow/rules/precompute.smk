@@ -2,6 +2,7 @@ KV = f"{RESULTS}/kv/{{teacher}}/{{split}}"
 # Big tensors on scratch, their small JSON sidecars beside the manifest.
 SHARD_FILE = f"{PATHS['scratch']}/kv/{{teacher}}/{{split}}/shard-{{shard}}.safetensors"
 SHARD_INFO = f"{KV}/shards/shard-{{shard}}.json"
+BASIS = f"{RESULTS}/kv/{{teacher}}/basis.safetensors"
 
 
 wildcard_constraints:
@@ -10,11 +11,57 @@ wildcard_constraints:
     shard=r"\d{5}",
 
 
+MAPPED = config["precompute"]["layers"] == "mapped"
+
+
 def student_card(wildcards):
     """The student (its depth, and the teacher layers a pruned one keeps) matters only to
     precompute.layers: mapped; depending on it otherwise would redo every teacher's KV whenever
     the student changes."""
-    return [card(config["student"])] if config["precompute"]["layers"] == "mapped" else []
+    return [card(config["student"])] if MAPPED else []
+
+
+def layer_arguments(wildcards, input):
+    """--student-card and --arms (each arm's layer map settings) for precompute.layers: mapped;
+    only then do they reach the job, so only then does changing them redo the KV."""
+    if not MAPPED:
+        return ""
+    arms = {arm: {key: cfg[key] for key in ("layer_map", "explicit_layer_map")}
+            for arm, cfg in ARMS.items()}
+    return f"{path_arg('--student-card', input.student_card)} --arms {shlex.quote(as_json(arms))}"
+
+
+def basis(wildcards):
+    """The teacher's basis, for precompute.dtype: pca."""
+    return [BASIS] if config["precompute"]["dtype"] == "pca" else []
+
+
+rule kv_basis:
+    """A teacher's KV on the first precompute.basis_examples train rows → per stored layer and
+    K/V the principal components keeping precompute.pca_variance (dtype: pca), stored once."""
+    input:
+        card=card("{teacher}"),
+        data=f"{RESULTS}/data/train.parquet",
+        teacher_dims=f"{RESULTS}/dims/{{teacher}}.json",
+        student_card=student_card,
+    output:
+        basis=BASIS,
+    params:
+        precompute=as_json(config["precompute"]),
+        max_length=config["data"]["max_length"],
+        layer_arguments=layer_arguments,
+    log:
+        log_path("kv_basis", "{teacher}"),
+    benchmark:
+        benchmark_path("kv_basis", "{teacher}")
+    threads: config["threads"]
+    conda:
+        "../../envs/kava.yaml"
+    shell:
+        "python -m stages.kv_basis --threads {threads} --card {input.card:q} "
+        "--data {input.data:q} --precompute {params.precompute:q} "
+        "--max-length {params.max_length} --teacher-dims {input.teacher_dims:q} "
+        "{params.layer_arguments} --out {output.basis:q} > {log:q} 2>&1"
 
 
 def shard_ids(wildcards):
@@ -32,6 +79,7 @@ rule precompute:
         data=f"{RESULTS}/data/{{split}}.parquet",
         teacher_dims=f"{RESULTS}/dims/{{teacher}}.json",
         student_card=student_card,
+        basis=basis,
     output:
         shard=SHARD_FILE,
         info=SHARD_INFO,
@@ -39,7 +87,8 @@ rule precompute:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
         on_too_long=config["data"]["on_too_long"],
-        student_card=lambda w, input: path_arg("--student-card", input.student_card),
+        layer_arguments=layer_arguments,
+        basis=lambda w, input: path_arg("--basis", input.basis),
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:
@@ -52,7 +101,8 @@ rule precompute:
         "--data {input.data:q} --split {wildcards.split} --shard {wildcards.shard} "
         "--precompute {params.precompute:q} --max-length {params.max_length} "
         "--on-too-long {params.on_too_long} --teacher-dims {input.teacher_dims:q} "
-        "{params.student_card} --shard-out {output.shard:q} --info {output.info:q} > {log:q} 2>&1"
+        "{params.layer_arguments} {params.basis} --shard-out {output.shard:q} "
+        "--info {output.info:q} > {log:q} 2>&1"
 
 
 rule kv_manifest:
