@@ -56,7 +56,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Keys of a train config that do not change what is computed: a checkpoint made under other
 # values of these is still this run's.
-NON_IDENTITY_KEYS = ("checkpoint_every", "gpus")
+NON_IDENTITY_KEYS = ("checkpoint_every", "gpus", "max_tokens_without_target")
 
 
 class Interrupted(KavaError):
@@ -156,7 +156,7 @@ class TrainData:
     key_space: str
     ce_valid: list            # answer tokens per example
     kv_valid: dict            # {teacher: aligned student tokens per example}
-    kv_lost: dict             # {teacher: student tokens no teacher token covers}
+    kv_lost: dict             # {teacher: fraction of student tokens no teacher token covers}
     partner: list = None      # kv_shuffled: the example whose KV each example reads
     held_out: object = None   # diagnose_every: a batch of train rows kept out of training
 
@@ -240,8 +240,9 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                                 f"key_space pre_rope")
             counts.append(int(valid.sum()))
         kv_valid[name] = counts
-        kv_lost[name] = sum(len(s["input_ids"]) for s, i in zip(students, positions[name])
-                            if i is not None) - sum(counts)
+        tokens = sum(len(s["input_ids"]) for s, i in zip(students, positions[name])
+                     if i is not None)
+        kv_lost[name] = (tokens - sum(counts)) / tokens if tokens else 0.0
     ce_valid = [int(s["labels"][1:].ne(-100).sum()) for s in students]
     if cfg["ce_weight"] > 0 and not any(ce_valid):
         raise KavaError(f"no train example keeps an answer token within max_length "
@@ -602,9 +603,15 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
             "wall_s": round(time.perf_counter() - started, 3),
         }
         for name, lost in data.kv_lost.items():
-            if lost:
-                log(f"teacher {name}: {lost} student tokens have no teacher token covering them "
-                    f"and get no KV target (masked)")
+            # A tokenizer that normalises text (NFC) can leave student tokens uncovered: they
+            # are masked, which is right, but many of them starve the KV loss unseen.
+            if lost > cfg["max_tokens_without_target"]:
+                log(f"warning: teacher {name}: {lost:.1%} of the student's tokens have no teacher "
+                    f"token covering them and get no KV target (above "
+                    f"train.max_tokens_without_target {cfg['max_tokens_without_target']:.1%})")
+            elif lost:
+                log(f"teacher {name}: {lost:.1%} of the student's tokens have no teacher token "
+                    f"covering them and get no KV target (masked)")
         _publish(distiller, data.tokenizer, metrics_path, summary, outputs)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     _barrier(world)

@@ -16,7 +16,7 @@ def main(args):
     facts = load_facts(env=args.env, dims={Path(path).stem: path for path in args.dims},
                        data_info=args.data_info, manifests=args.manifests,
                        benchmarks_dir=args.benchmarks_dir,
-                       evaluation=evals["init"].get("settings"))
+                       evaluation=evals["init"].get("settings"), train_infos=args.train_infos)
     html, markdown, plots = render_report(summary, evals, load_metrics(args.metrics), facts,
                                           title=args.title)
     with atomic_path(args.figures, is_dir=True) as tmp:
@@ -34,6 +34,7 @@ if __name__ == "__main__":
                         help='{"init": path, "teachers": {name: path}, "arms": {arm: {seed: path}}}')
     parser.add_argument("--metrics", type=json_arg, required=True,
                         help="{arm: {seed: metrics.jsonl}}")
+    parser.add_argument("--train-infos", type=json_arg, help="{arm: {seed: train.json}}")
     parser.add_argument("--env", help="env.json")
     parser.add_argument("--dims", nargs="*", default=[], help="dims/<model>.json files")
     parser.add_argument("--data-info", help="data/data.json")

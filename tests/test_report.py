@@ -472,3 +472,24 @@ def test_training_curves_plot_one_line_per_arm_seed_and_teacher():
     assert {(arm, seed, name) for arm, seed, name, *_ in panels["KV cosine (train)"]} == {
         ("kv", seed, t) for seed in (0, 1) for t in TEACHERS}  # no per-layer lines
     assert len(panels["CE loss"]) == 4 and len(panels["KV loss"]) == 4
+
+
+def test_report_shows_the_tokens_without_a_kv_target_per_arm_and_teacher(facts, tmp_path):
+    summaries = {(arm, seed): {"teachers": {"llama": {"tokens_without_target": lost},
+                                            "gemma": {"tokens_without_target": 0.0}}}
+                 for arm, seed, lost in (("kv", 0, 0.02), ("kv", 1, 0.04), ("ce", 0, 0.1))}
+    paths = {}
+    for (arm, seed), summary in summaries.items():
+        path = tmp_path / f"{arm}-{seed}.json"
+        path.write_text(json.dumps(summary))
+        paths.setdefault(arm, {})[str(seed)] = str(path)
+    loaded = load_facts(train_infos=paths)["tokens_without_target"]
+    assert loaded == {"kv": {"llama": [0.02, 0.04], "gemma": [0.0, 0.0]},
+                      "ce": {"llama": [0.1], "gemma": [0.0]}}
+    evals = _evals(seeds=[0, 1])
+    html, markdown, _ = render_report(build_summary(evals, n_boot=200), evals,
+                                      _metrics([0, 1]), {**facts, "tokens_without_target": loaded})
+    text = _text(html)
+    assert "Student tokens without a KV target" in text
+    for row in ("kv llama 3.00% 4.00%", "kv gemma 0.00% 0.00%", "ce llama 10.00% 10.00%"):
+        assert row in text and f"| {row.replace(' ', ' | ')} |" in markdown

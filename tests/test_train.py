@@ -54,13 +54,14 @@ def data_rows(n, seed=0, split="train"):
     return rows
 
 
-def bpe_teacher(card, rows, folder):
+def bpe_teacher(card, rows, folder, normalizer=None):
     """A copy of a tiny model with its own BPE tokenizer trained on `rows`: a teacher whose
     tokens differ from the student's byte-level ones, as across real model families."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(
@@ -709,3 +710,43 @@ def test_gradient_alignment_is_logged_and_leaves_training_unchanged(world, tmp_p
             assert -1 <= line[f"align/{term}"] <= 1
     assert lines[0]["align/ce"] > 0  # train CE and held-out CE agree early on
     assert json.loads(diagnosed["summary"].read_text())["examples"] == 12
+
+
+def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world, tiny_card,
+                                                                           tmp_path):
+    """A teacher whose tokenizer composes a decomposed accent (NFC, as Qwen2's does) covers no
+    student token of the combining mark: train.json gives the fraction of the student's tokens
+    left without a KV target, and the log warns once above train.max_tokens_without_target."""
+    from tokenizers import normalizers
+
+    rows = []
+    for row in data_rows(4, seed=5):
+        question = "Zoe\u0301 asks: " + row["question"]
+        prompt = PROMPT_TEMPLATE.format(question=question)
+        rows.append({**row, "question": question, "prompt": prompt, "text": prompt + row["answer"]})
+    teacher = bpe_teacher(tiny_card("gemma3_text", seed=2, vocab_size=400), rows,
+                          tmp_path / "gemma_nfc", normalizer=normalizers.NFC())
+    teachers = [{"card": teacher, "dims": dims_of(teacher),
+                 "manifest": build_store(teacher, rows, tmp_path / "store", max_length=MAX_LENGTH)},
+                world["teachers"][0]]
+    data_info = {"source": "synthetic", "path": None,
+                 "splits": {"train": {"rows": len(rows), "sha256": rows_sha256(rows)}}}
+    for limit, warnings in ((0.0, 1), (1.0, 0)):
+        out, lines = tmp_path / f"run{limit}", []
+        outputs = {"student": out / "student", "projector": out / "projector.safetensors",
+                   "metrics": out / "metrics.jsonl", "summary": out / "train.json"}
+        summary = train(train_config(steps=1, effective_batch=4, micro_batch=2,
+                                     max_tokens_without_target=limit),
+                        arm="kv", seed=0, student_card=world["student"],
+                        student_dims=world["student_dims"], teachers=teachers, rows=rows,
+                        data_info=data_info, env=world["env"], max_length=MAX_LENGTH,
+                        outputs=outputs, checkpoint_dir=out / "ckpt", log=lines.append)
+        lost = {name: t["tokens_without_target"] for name, t in summary["teachers"].items()}
+        # The combining mark is 1 of the student's tokens per row at most: a small fraction.
+        assert 0 < lost[teacher["name"]] < 0.1
+        assert lost[world["teachers"][0]["card"]["name"]] == 0.0
+        assert json.loads(outputs["summary"].read_text())["teachers"] == summary["teachers"]
+        warned = [line for line in lines if line.startswith("warning: ")]
+        assert warned == [f"warning: teacher {teacher['name']}: {lost[teacher['name']]:.1%} of "
+                          f"the student's tokens have no teacher token covering them and get no "
+                          f"KV target (above train.max_tokens_without_target 0.0%)"][:warnings]

@@ -27,6 +27,7 @@ them from the run's files):
      "data": {"source": str, "rows_hash": str, ...},
      "kv_storage": {"<teacher>": {"bytes_per_token", "dtype", "key_space", ...}},
      "benchmarks": {"<job>": [row, ...]},          # rows as read_benchmark returns them
+     "tokens_without_target": {"<arm>": {"<teacher>": [fraction per seed]}},  # train.json
      "evaluation": {...}}                          # the evaluation settings
 """
 

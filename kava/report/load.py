@@ -105,10 +105,11 @@ def _kv_storage(manifests):
 
 
 def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir=None,
-               evaluation=None):
+               evaluation=None, train_infos=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
-    manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`) and the evaluation
-    settings (a dict). Anything not given is left out and shows as n/a."""
+    manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
+    settings (a dict) and {arm: {seed: train.json}}. Anything not given is left out and shows
+    as n/a."""
     facts = {}
     if env:
         facts["env"] = _flatten(_read_json(env, "environment"))
@@ -127,6 +128,14 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
                                for path in sorted(Path(benchmarks_dir).glob("*/*.tsv"))}
     if evaluation:
         facts["evaluation"] = _flatten(evaluation)
+    if train_infos:
+        # {arm: {teacher: [fraction of student tokens without a KV target, per seed]}}
+        facts["tokens_without_target"] = {arm: {} for arm in train_infos}
+        for arm, runs in train_infos.items():
+            for path in runs.values():
+                for teacher, info in _read_json(path, "train summary")["teachers"].items():
+                    facts["tokens_without_target"][arm].setdefault(teacher, []).append(
+                        info["tokens_without_target"])
     return facts
 
 

@@ -268,6 +268,17 @@ def _facts_section(facts, metrics):
                 "help at that point.")})
             blocks.append({"kind": "table", "header": ["arm", "term", "mean cosine", "range",
                                                        "measurements"], "rows": alignment})
+    uncovered = facts.get("tokens_without_target") or {}
+    if uncovered:
+        blocks.append({"kind": "heading", "text": "Student tokens without a KV target"})
+        blocks.append({"kind": "text", "text": (
+            "Fraction of the student's train tokens that no teacher token covers (a teacher "
+            "tokenizer that normalises text, e.g. NFC, can leave some): they get no KV target "
+            "and are masked. Mean over seeds, and the largest seed.")})
+        blocks.append({"kind": "table", "header": ["arm", "teacher", "mean", "max"],
+                       "rows": [[arm, teacher, f"{np.mean(v):.2%}", f"{np.max(v):.2%}"]
+                                for arm, teachers in uncovered.items()
+                                for teacher, v in teachers.items()]})
     benchmarks = facts.get("benchmarks") or {}
     if benchmarks:
         rows = []

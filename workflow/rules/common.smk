@@ -45,7 +45,6 @@ def slurm_requests():
     return requests
 
 
-
 def refuse_overrides(settings):
     """A job's CPU threads come from the config key threads only, and a train job's GPUs from
     train.gpus only: a profile's or the command line's --set-threads, --set-resources or

@@ -15,6 +15,7 @@ rule report:
     input:
         evals=expand(f"{EVAL}/{{evaluated}}.json", evaluated=EVALUATED),
         metrics=[f"{run}/metrics.jsonl" for runs in TRAIN_RUNS.values() for run in runs.values()],
+        train_infos=[f"{run}/train.json" for runs in TRAIN_RUNS.values() for run in runs.values()],
         env=f"{RESULTS}/env.json",
         dims=expand(f"{RESULTS}/dims/{{model}}.json", model=KV_MODELS),
         data_info=f"{RESULTS}/data/data.json",
@@ -30,6 +31,8 @@ rule report:
         evals=as_json(EVAL_FILES),
         metrics=as_json({arm: {seed: f"{run}/metrics.jsonl" for seed, run in runs.items()}
                          for arm, runs in TRAIN_RUNS.items()}),
+        train_infos=as_json({arm: {seed: f"{run}/train.json" for seed, run in runs.items()}
+                             for arm, runs in TRAIN_RUNS.items()}),
         report=as_json(config["report"]),
         benchmarks=f"{RESULTS}/benchmarks",
         title=f"kava report: run {config['run']}",
@@ -42,7 +45,7 @@ rule report:
         "../../envs/kava.yaml"
     shell:
         "python -m stages.report --threads {threads} --evals {params.evals:q} "
-        "--metrics {params.metrics:q} --env {input.env:q} --dims {input.dims:q} "
+        "--metrics {params.metrics:q} --train-infos {params.train_infos:q} --env {input.env:q} --dims {input.dims:q} "
         "--data-info {input.data_info:q} --manifests {input.manifests:q} "
         "--benchmarks-dir {params.benchmarks:q} --report {params.report:q} "
         "--title {params.title:q} --html {output.html:q} --markdown {output.markdown:q} "
