@@ -2,8 +2,8 @@
 
 Layout of everything returned: `[B, T, H_kv, D]`.
 
-- `pre_rope` keys come from hooks on the key projection, normalised by the layer's own
-  k_norm where the architecture has one (qwen3, gemma3). Gemma3 applies k_norm after the
+- `pre_rope` keys come from hooks on the key projection (phi3: the K slice of its fused
+  qkv_proj), normalised by the layer's own k_norm where the architecture has one (qwen3, gemma3). Gemma3 applies k_norm after the
   head transpose and qwen3 before; k_norm acts on the last dim only, so applying the module to
   the projection output is the same computation in either order.
 - `post_rope` keys are what the attention caches. They are read from a `DynamicCache()` built
@@ -28,7 +28,23 @@ def decoder_layers(model):
 def attention_shape(attention):
     """(num KV heads, head_dim) as the attention module really computes them."""
     head_dim = attention.head_dim
+    if hasattr(attention, "qkv_proj"):
+        return attention.num_key_value_heads, head_dim
     return attention.k_proj.out_features // head_dim, head_dim
+
+
+def _fused_kv_hook(attention, index, n_heads, head_dim, captured):
+    """phi3's one qkv_proj: K and V are slices of its output, [Q | K | V] along the last dim,
+    split exactly as Phi3Attention.forward splits them, before RoPE."""
+    start = attention.config.num_attention_heads * head_dim
+    size = n_heads * head_dim
+
+    def keep_kv(module, inputs, output):
+        shape = (*output.shape[:-1], n_heads, head_dim)
+        captured[index] = {"k": output[..., start:start + size].reshape(shape),
+                           "v": output[..., start + size:start + 2 * size].reshape(shape)}
+
+    return attention.qkv_proj.register_forward_hook(keep_kv)
 
 
 @contextmanager
@@ -40,6 +56,9 @@ def pre_rope_hooks(model, layers):
     for index in layers:
         attention = modules[index].self_attn
         n_heads, head_dim = attention_shape(attention)
+        if hasattr(attention, "qkv_proj"):
+            handles.append(_fused_kv_hook(attention, index, n_heads, head_dim, captured))
+            continue
 
         def keep_k(module, inputs, output, index=index, attention=attention,
                    n_heads=n_heads, head_dim=head_dim):

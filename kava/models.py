@@ -21,10 +21,12 @@ from kava.io import atomic_path
 SOURCE_KINDS = ("hf", "path", "gguf", "random", "derive")
 
 # model_type -> family. The KV capture relies on each family's attention exposing k_proj/v_proj
-# (and k_norm where it has one) on model.model.layers[i].self_attn; anything else would give a
-# wrong answer rather than an error, so it is refused up front.
+# (phi3: one fused qkv_proj; k_norm where it has one) on model.model.layers[i].self_attn;
+# anything else would give a wrong answer rather than an error, so it is refused up front.
 SUPPORTED_ARCHITECTURES = {
     "llama": "llama",
+    "mistral": "mistral",
+    "phi3": "phi3",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",

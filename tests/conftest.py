@@ -21,6 +21,13 @@ TINY = {
     "qwen3": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=6, num_key_value_heads=3, head_dim=16,
                   max_position_embeddings=512),
+    # llama-like with a sliding window (one for every layer) short enough to exceed.
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                    max_position_embeddings=512),
+    # One fused qkv_proj per layer.
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                         sliding_window=8, max_position_embeddings=512,

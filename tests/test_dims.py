@@ -12,7 +12,8 @@ def dims_of(card):
 
 
 @pytest.mark.parametrize("architecture, layers, heads, head_dim", [
-    ("llama", 4, 2, 16), ("qwen2", 3, 2, 16), ("qwen3", 4, 3, 16), ("gemma3_text", 4, 1, 32)])
+    ("llama", 4, 2, 16), ("mistral", 2, 2, 16), ("phi3", 2, 2, 16), ("qwen2", 3, 2, 16),
+    ("qwen3", 4, 3, 16), ("gemma3_text", 4, 1, 32)])
 def test_dims_of_each_family(tiny_card, architecture, layers, heads, head_dim):
     dims = dims_of(tiny_card(architecture))
     assert (dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]) == (layers, heads, head_dim)
@@ -27,6 +28,11 @@ def test_gemma3_sliding_layers_and_explicit_head_dim(tiny_card):
     kinds = [(layer["kind"], layer.get("window")) for layer in dims["layers"]]
     assert kinds == [("sliding", 8)] * 3 + [("full", None)]
     assert any("explicit head_dim: 32" in note for note in dims["mismatches"])
+
+
+def test_mistral_sliding_window_is_every_layer(tiny_card):
+    dims = dims_of(tiny_card("mistral"))
+    assert [(layer["kind"], layer.get("window")) for layer in dims["layers"]] == [("sliding", 8)] * 2
 
 
 def test_llama_without_gqa_has_no_mismatch(tiny_card):

@@ -12,7 +12,8 @@ from kava.errors import KavaError
 from kava.models import load_model, materialize, prune_layers, weights_sha256
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "phi3", "qwen2", "qwen3",
+                                          "gemma3_text"])
 def test_random_model_loads_with_plain_transformers(tiny_card, architecture):
     card = tiny_card(architecture)
     model = AutoModelForCausalLM.from_pretrained(card["dir"])

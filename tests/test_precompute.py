@@ -23,7 +23,7 @@ from kava.models import load_model, load_tokenizer
 from kava.precompute import length_batches, select_layers
 from test_kvstore import build_store, synthetic_rows
 
-ARCHITECTURES = ["llama", "qwen2", "qwen3", "gemma3_text"]
+ARCHITECTURES = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text"]
 
 
 def hidden_states(model, input_ids):
@@ -34,15 +34,27 @@ def hidden_states(model, input_ids):
 
 def hand_kv(model, input_ids, layer, hidden=None):
     """K (pre-RoPE) and V of one layer computed from the hidden state entering it, by hand:
-    k_proj(input_layernorm(h)), split into heads, then k_norm where the family has one."""
+    k_proj(input_layernorm(h)), split into heads, then k_norm where the family has one. phi3's
+    fused projection: x @ W.T with W's rows [Q | K | V], the K and V rows taken from the config's
+    head counts."""
     hidden = (hidden or hidden_states(model, input_ids))[layer]
     with torch.no_grad():
         block = model.model.layers[layer]
         attention = block.self_attn
         x = block.input_layernorm(hidden)
         head_dim = attention.head_dim
-        k = attention.k_proj(x).view(len(input_ids), -1, head_dim)
-        v = attention.v_proj(x).view(len(input_ids), -1, head_dim)
+        if hasattr(attention, "qkv_proj"):
+            q_rows = model.config.num_attention_heads * head_dim
+            kv_rows = model.config.num_key_value_heads * head_dim
+            weight = attention.qkv_proj.weight
+            k_proj = weight[q_rows:q_rows + kv_rows]
+            v_proj = weight[q_rows + kv_rows:]
+            assert len(v_proj) == kv_rows
+            k = (x @ k_proj.T).view(len(input_ids), -1, head_dim)
+            v = (x @ v_proj.T).view(len(input_ids), -1, head_dim)
+        else:
+            k = attention.k_proj(x).view(len(input_ids), -1, head_dim)
+            v = attention.v_proj(x).view(len(input_ids), -1, head_dim)
         if hasattr(attention, "k_norm"):
             k = attention.k_norm(k)
     return k, v
@@ -65,7 +77,7 @@ def test_pre_rope_kv_equals_hand_computation(tiny_card, tmp_path, architecture):
             torch.testing.assert_close(example["v"][layer], v, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "phi3", "gemma3_text"])
 def test_post_rope_keys_equal_the_cache(tiny_card, tmp_path, architecture):
     card = tiny_card(architecture)
     store = KVStore(build_store(card, synthetic_rows(4), tmp_path, dtype="fp32",
