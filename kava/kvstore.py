@@ -84,28 +84,46 @@ def shard_layout(n_examples, n_tokens, layers, kv_shape, dtype, n_groups=1, rank
     return layout
 
 
+def safetensors_header(layout, metadata):
+    """(the bytes before the data, {name: (start, end) in the data}) of a safetensors file of
+    `layout` {name: (dtype, shape)}, the same bytes on every run: safetensors' save_file
+    serialises metadata from a hash map in a different order on every run. Tensors are laid out
+    as save_file lays them out (wider dtypes first, then by name), so each starts aligned."""
+    names = sorted(layout, key=lambda name: (DTYPE_ORDER.index(layout[name][0]), name))
+    header, spans, start = {"__metadata__": dict(sorted(metadata.items()))}, {}, 0
+    for name in names:
+        dtype, shape = layout[name]
+        end = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [start, end]}
+        spans[name], start = (start, end), end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded, spans
+
+
+def write_safetensors(path, tensors, metadata):
+    """save_file's format, bit-identical from run to run (safetensors_header)."""
+    prefix, spans = safetensors_header({name: (t.dtype, tuple(t.shape))
+                                        for name, t in tensors.items()}, metadata)
+    with open(path, "wb") as handle:
+        handle.write(prefix)
+        for name in spans:
+            handle.write(tensors[name].detach().cpu().contiguous().reshape(-1)
+                         .view(torch.uint8).numpy().tobytes())
+
+
 class ShardWriter:
     """A safetensors file laid out in full up front (header first, data zero-filled), whose
     tensors are then filled in place through a memory map, batch by batch. The shard never has
     to fit in host memory, and each batch's write overlaps the next batch's forward.
 
-    The header is written here rather than by safetensors' save_file, which serialises
-    metadata from a hash map in a different order on every run: shards must be bit-identical.
-    Tensors are laid out as save_file lays them out (wider dtypes first, then by name), so each
-    starts aligned and a reader can view it without copying."""
+    The header is safetensors_header's, not save_file's: shards must be bit-identical. Each
+    tensor starts aligned, so a reader can view it without copying."""
 
     def __init__(self, path, layout, metadata):
-        names = sorted(layout, key=lambda name: (DTYPE_ORDER.index(layout[name][0]), name))
-        header, spans, start = {"__metadata__": dict(sorted(metadata.items()))}, {}, 0
-        for name in names:
-            dtype, shape = layout[name]
-            end = start + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [start, end]}
-            spans[name], start = (start, end), end
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        prefix = len(encoded).to_bytes(8, "little") + encoded
+        prefix, spans = safetensors_header(layout, metadata)
+        start = max((end for _, end in spans.values()), default=0)
         with open(path, "wb") as handle:
             handle.write(prefix)
             handle.truncate(len(prefix) + start)

@@ -10,12 +10,12 @@ import math
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from kava.align import span_alignment
 from kava.errors import KavaError
 from kava.io import atomic_path
+from kava.kvstore import write_safetensors
 
 KINDS = ("identity", "ridge", "linear", "mlp")
 DIRECTIONS = ("student_to_teacher", "teacher_to_student")
@@ -203,7 +203,9 @@ def save_projectors(projectors, path):
         for key, value in projector._metadata().items():
             metadata[f"{teacher}.{key}"] = value
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        # Not save_file: its metadata order changes from run to run, and a resumed run's
+        # projector file must be bit-identical to an uninterrupted one's.
+        write_safetensors(tmp, tensors, metadata)
 
 
 def load_projectors(path):

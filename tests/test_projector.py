@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import PROJECT
 from kava.align import ratio_layer_map
 from kava.errors import KavaError
 from kava.projector import (KVProjector, group_average_init, load_projectors, ridge_solution,
@@ -230,6 +234,26 @@ def test_save_load_projectors_round_trip(tmp_path, kind, direction):
         kv = _kv(2, projector.in_shape)
         for (k1, v1), (k2, v2) in zip(projector(kv), other(kv)):
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_saved_projectors_are_the_same_bytes_in_every_process(tmp_path):
+    """A resumed run's projector file must equal an uninterrupted run's byte for byte;
+    safetensors' save_file orders the metadata differently in every process."""
+    script = (
+        "import sys, torch\n"
+        "from kava.projector import KVProjector, save_projectors\n"
+        "torch.manual_seed(0)\n"
+        "save_projectors({t: KVProjector([0, 1], (2, 16), (3, 16), kind='mlp', hidden=8)\n"
+        "                 for t in ('llama', 'gemma', 'qwen')}, sys.argv[1])\n")
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", script, str(path)], cwd=PROJECT, check=True)
+    assert len({path.read_bytes() for path in files}) == 1
+    loaded = load_projectors(files[0])
+    assert list(loaded) == ["llama", "gemma", "qwen"]
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(f"llama.{name}"), value)
+                   for name, value in loaded["llama"].state_dict().items())
 
 
 def test_load_projectors_refuses_other_files(tmp_path):

@@ -1,8 +1,16 @@
 """Odd environments a new user brings: paths with spaces and non-ASCII characters, settings a
 profile could override, a run killed mid-way."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
+from conftest import PROJECT
 from test_workflow import snakemake, write_config
 
 # A folder name that breaks unquoted shell words and ASCII-only path handling.
@@ -112,3 +120,48 @@ def test_an_override_of_the_config_is_refused_in_one_line(tmp_path, extra, messa
     result = dry_run(tmp_path, "local", *extra)
     assert result.returncode != 0
     assert message in result.output.splitlines()
+
+
+def test_killed_run_recovers_as_the_readme_says(tmp_path):
+    """kill -9 of the whole Snakemake process group while a train job runs; then the README's
+    steps (--unlock, the same command) give the result of an uninterrupted run, bit for bit."""
+    def longer(config):
+        # Enough steps, checkpointed often, that the kill lands inside a train job.
+        config["train"].update(steps=12, checkpoint_every=2)
+
+    configfile = write_config(tmp_path, longer)
+    command = ["--profile", "profiles/local", "--configfile", str(configfile)]
+    reference_env = {"KAVA_OUTPUT_PATH": str(tmp_path / "reference")}
+    arms = ("ce", "kv")
+    trained = [f"{tmp_path}/reference/smoke/train/{arm}/seed0/train.json" for arm in arms]
+    reference = snakemake(*command, "--nolock", *trained, env=reference_env)
+    assert reference.returncode == 0, reference.output[-3000:]
+
+    env = {"KAVA_OUTPUT_PATH": str(tmp_path / "killed")}
+    results = tmp_path / "killed" / "smoke"
+    checkpoints = results / "scratch" / "checkpoints" / "train"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    process = subprocess.Popen([sys.executable, "-m", "snakemake", *command], cwd=PROJECT,
+                               env={**os.environ, "PATH": path, **env}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not list(checkpoints.glob("*/seed0/latest")):
+        assert process.poll() is None and time.monotonic() < deadline, "no train checkpoint"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not all((results / "train" / arm / "seed0" / "train.json").exists() for arm in arms)
+
+    refused = snakemake(*command, env=env)
+    assert refused.returncode != 0 and "cannot be locked" in refused.output
+    unlocked = snakemake(*command, "--unlock", env=env)
+    assert unlocked.returncode == 0, unlocked.output[-3000:]
+    rerun = snakemake(*command, env=env)
+    assert rerun.returncode == 0, rerun.output[-3000:]
+
+    assert (results / "report.html").exists()
+    for arm in arms:
+        for name in ("student/model.safetensors", "projector.safetensors"):
+            done = results / "train" / arm / "seed0" / name
+            assert done.read_bytes() == (tmp_path / "reference" / "smoke" / "train" / arm
+                                         / "seed0" / name).read_bytes(), (arm, name)
