@@ -17,7 +17,7 @@ import yaml
 
 from kava.config import used_models
 from kava.data import prepare
-from kava.environment import detect_device, detect_precision, usable_cpus
+from kava.environment import detect_device, job_precision, usable_cpus
 from kava.io import read_json
 from kava.models import materialize
 from kava.paths import run_paths
@@ -79,7 +79,7 @@ def bench_rows(n):
 def machine(threads):
     device = detect_device()
     return {"device": device["name"], "device_type": device["type"],
-            "precision": detect_precision(device), "threads": threads,
+            "precision": job_precision(), "threads": threads,
             "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(),
             # Other processes' load: on a shared machine it explains noisy figures.

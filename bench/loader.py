@@ -18,8 +18,6 @@ mapped layers. Goal: reader bytes/s >= 10x what a step consumes.
 
 import tempfile
 
-import torch
-
 from bench.common import bench_rows, emit, machine, parser, student_card, teacher_cards, timed
 from kava.align import ratio_layer_map
 from kava.io import read_json

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from bench.common import bench_rows, emit, machine, parser, teacher_cards, timed
+from kava.environment import compute_dtype
 from kava.models import load_model, load_tokenizer
-from kava.precompute import (compute_dtype, length_batches, pad_batch, precompute_shard,
+from kava.precompute import (length_batches, pad_batch, precompute_shard,
                              tokenize, tokenizer_identity)
 
 

@@ -35,14 +35,14 @@ from kava.batching import collate, pad_id
 from kava.capture import forward_kv
 from kava.config import arm_configs
 from kava.dims import detect_dims
-from kava.environment import detect_device, detect_precision
+from kava.environment import compute_dtype, job_device, job_precision
 from kava.io import read_json, write_json
 from kava.kvstore import build_manifest
 from kava.models import load_model, load_tokenizer, materialize
 from kava.paths import run_paths
-from kava.precompute import compute_dtype, precompute_shard, tokenizer_identity
-from kava.train import (PRECISIONS, setup_data, setup_model, setup_optimizer, setup_scheduler,
-                        step_batches, train_step)
+from kava.precompute import pad_batch, precompute_shard, tokenizer_identity
+from kava.train import (mixed_precision, setup_data, setup_model, setup_optimizer,
+                        setup_scheduler, step_batches, train_step)
 
 SCHEMA = PROJECT / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -112,13 +112,9 @@ def online_teacher_examples(model, tokenizer, rows, layers, max_length, device):
     encoded = tokenizer([row["text"] for row in rows], return_offsets_mapping=True,
                         truncation=True, max_length=max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    ids = torch.full((len(rows), max(lengths)), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row_ids in enumerate(encoded["input_ids"]):
-        ids[i, :len(row_ids)] = torch.tensor(row_ids)
-        mask[i, :len(row_ids)] = 1
+    ids, valid = pad_batch(encoded["input_ids"])
     with torch.inference_mode():
-        kv = forward_kv(model, ids.to(device), mask.to(device), layers)
+        kv = forward_kv(model, ids.to(device), valid.long().to(device), layers, "pre_rope")
     return [{"input_ids": ids[i, :n], "char_spans": torch.tensor(encoded["offset_mapping"][i]),
              "k": {layer: kv[layer][0][i, :n].cpu().clone() for layer in layers},
              "v": {layer: kv[layer][1][i, :n].cpu().clone() for layer in layers}}
@@ -130,10 +126,8 @@ def run_side(mode, workdir, args):
     torch.set_num_threads(args.threads)
     world = read_json(Path(workdir) / "world.json")
     cfg = {**default_train_config(), "effective_batch": args.batch}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = detect_precision(detect_device())
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision],
-                              enabled=PRECISIONS[precision] is not None)
+    device = job_device()
+    autocast, scaler = mixed_precision(job_precision(), device)
     teachers = [{"card": t["card"], "dims": t["dims"], "manifest": t["manifest"]}
                 for t in world["teachers"].values()]
     data = setup_data(cfg, 0, world["student"], world["student_dims"], teachers, world["rows"],
@@ -141,7 +135,6 @@ def run_side(mode, workdir, args):
     distiller = setup_model(cfg, data, world["student"], world["student_dims"], teachers, device)
     optimizer = setup_optimizer(cfg, distiller)
     scheduler = setup_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
     if mode == "online":
         models = {name: (load_model(t["card"], compute_dtype("auto")[1], device),
                           load_tokenizer(t["card"]["dir"])) for name, t in world["teachers"].items()}

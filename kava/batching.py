@@ -24,11 +24,13 @@ import torch
 
 from kava.align import (causal_span_alignment, interpolate_alignment, position_alignment,
                         span_alignment)
+from kava.config import schema_enum
 from kava.errors import KavaError
+from kava.kvstore import KVStore
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
 # "position" is not a setting: it is how a kv_shuffled control arm reads another example's KV.
-TIME_ALIGNMENTS = ("auto", "causal", "interpolate", "position")
+TIME_ALIGNMENTS = (*schema_enum("time_alignment"), "position")
 
 
 def student_example(tokenizer, row, max_length):
@@ -118,10 +120,25 @@ class Batch:
                      {name: targets.to(device) for name, targets in self.teachers.items()})
 
 
-def pad_id(tokenizer):
-    """The id that fills padded positions: the tokenizer's pad token, else 0 (padded positions
-    are masked everywhere, so any valid id will do)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def eos_ids(tokenizer, model=None):
+    """The end-of-sequence ids: the model's generation config's (one or several), else the
+    tokenizer's; [] if neither has one."""
+    eos = None if model is None else model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def pad_id(tokenizer, model=None):
+    """The id that fills padded positions, for every batch kava builds: the model's generation
+    pad token, else the tokenizer's, else the first eos (what most causal LMs pad with), else 0.
+    Padded positions are masked everywhere (attention, labels, KV losses, NLL), so any valid id
+    will do; with `model`, generation pads as the model's own generate would."""
+    pad = None if model is None else model.generation_config.pad_token_id
+    for candidate in (pad, tokenizer.pad_token_id, *eos_ids(tokenizer, model)):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 def _pad(rows, value, length):
@@ -173,6 +190,27 @@ def example_order(n_examples, seed, start, count):
         order.extend(take)
         position += len(take)
     return order
+
+
+def teacher_store(manifest, teacher, weights_sha256, **expect):
+    """The KVStore of `manifest`, refused (naming the manifest) unless it holds the KV of
+    `teacher` computed with the weights `weights_sha256` (None: a teacher whose weights the
+    caller cannot name, e.g. one a student did not learn from, is not held to any) and meets any
+    further KVStore expectation (e.g. key_space)."""
+    expect = {"teacher": teacher, **expect}
+    if weights_sha256 is not None:
+        expect["weights_sha256"] = weights_sha256
+    return KVStore(manifest, expect=expect)
+
+
+def shared_key_space(stores):
+    """The key space of the teachers' stores ({teacher: KVStore}), which must be one: a student
+    compares its keys with every teacher's in the same space."""
+    key_spaces = sorted({store.manifest["key_space"] for store in stores.values()})
+    if len(key_spaces) != 1:
+        raise KavaError(f"the teachers' KV stores mix key spaces {key_spaces}; precompute them "
+                        f"all with the same key_space")
+    return key_spaces[0]
 
 
 def store_positions(store, ids, teacher):

@@ -1,6 +1,38 @@
-"""Checks on the config that a JSON schema cannot express: names that refer to each other."""
+"""Checks on the config that a JSON schema cannot express (names that refer to each other), and
+the schema's own lists of allowed values, so that code checks against what the schema says."""
+
+import functools
+from pathlib import Path
+
+import yaml
 
 from kava.errors import KavaError
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@functools.cache
+def load_schema():
+    """The config schema (workflow/schemas/config.schema.yaml) as a dict."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def _properties(spec):
+    """(name, spec) of every property in a schema, at any depth."""
+    for name, child in spec.get("properties", {}).items():
+        yield name, child
+        yield from _properties(child)
+
+
+def schema_enum(key):
+    """The values the schema allows for the config key `key` (its enum), as a tuple. Keys are
+    found by name in any section; every key of that name must allow the same values."""
+    enums = {tuple(spec["enum"]) for name, spec in _properties(load_schema())
+             if name == key and "enum" in spec}
+    if len(enums) != 1:
+        found = "no enum" if not enums else "different enums in different sections"
+        raise KavaError(f"{SCHEMA}: config key '{key}' has {found}; expected one")
+    return enums.pop()
 
 
 def used_models(config):

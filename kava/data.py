@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kava.answers import FINAL_LINE
 from kava.errors import KavaError
 from kava.io import atomic_path
 from kava.synthetic import generate
@@ -45,10 +46,6 @@ HUB_DATASET = ("openai/gsm8k", "main")
 # this check huggingface_hub spends ~25 s in retries before datasets gives up.
 HUB_CONNECT_TIMEOUT_S = 5
 COLUMNS = ("id", "question", "answer", "final", "prompt", "text")
-
-# The answer's last line: `#### 1,234` (GSM8K writes thousands commas; `$` and decimals occur
-# in other GSM8K-format data).
-FINAL_LINE = re.compile(r"####[ \t]*(-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)[ \t]*\Z")
 
 BAD_ROW_REASONS = {
     "malformed_json": "malformed JSON",

@@ -21,11 +21,12 @@ from torch import nn
 
 from kava.align import auto_layer_map, explicit_layer_map, ratio_layer_map
 from kava.capture import KEY_SPACES, decoder_layers, pre_rope_hooks
+from kava.config import schema_enum
 from kava.errors import KavaError
 from kava.losses import TeacherWeights, kv_loss, masked_cosine
 from kava.projector import KVProjector
 
-LAYER_MAPS = ("auto", "ratio", "explicit", "cka")
+LAYER_MAPS = schema_enum("layer_map")
 
 
 def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None, cka=None,

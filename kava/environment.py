@@ -1,5 +1,6 @@
 """What this job runs on: device, precision, scheduler, CPUs, paths, packages, and a
-recommended micro-batch for the configured effective batch."""
+recommended micro-batch for the configured effective batch; and the one place that decides which
+device a stage computes on and in which dtype."""
 
 import importlib.metadata
 import math
@@ -10,6 +11,8 @@ import torch
 
 from kava.paths import detect_scheduler, run_paths
 
+# The torch dtype of each precision name (train.precision, precompute.compute_dtype, eval.dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PACKAGES = ("torch", "transformers", "bitsandbytes", "datasets", "safetensors", "snakemake",
             "pyarrow")
 
@@ -78,6 +81,26 @@ def detect_precision(device):
     return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
+def job_device(index=0):
+    """The device a stage computes on: GPU `index` where torch sees one (CUDA, or ROCm, which
+    torch serves through the same torch.cuda API), else the CPU. detect_device reports Apple's
+    MPS, but no stage uses it: on a Mac the stages run on the CPU."""
+    return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def job_precision():
+    """detect_precision of the device the stages compute on (job_device), which on a Mac is the
+    CPU, not MPS."""
+    return detect_precision({"type": job_device().type})
+
+
+def compute_dtype(name):
+    """(name, torch dtype) of a precision setting, `auto` resolved by job_precision."""
+    if name == "auto":
+        name = job_precision()
+    return name, DTYPES[name]
+
+
 def usable_cpus(environ=os.environ):
     """CPUs this job may use: the affinity mask, narrowed by SLURM_CPUS_PER_TASK."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -127,7 +150,7 @@ def probe_environment(run, sizing=None):
     scheduler, job_id = detect_scheduler()
     return {
         "device": device,
-        "precision": detect_precision(device),
+        "precision": job_precision(),
         "scheduler": {"type": scheduler, "job_id": job_id},
         "cpus": usable_cpus(),
         "paths": run_paths(run),

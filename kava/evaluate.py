@@ -7,7 +7,6 @@ evaluations of the same model on the same rows agree to the token.
 
 import hashlib
 import json
-import re
 
 import numpy as np
 import torch
@@ -15,50 +14,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from kava.answers import ANSWER_LINE, extract_answer, is_correct
+from kava.batching import eos_ids, pad_id, teacher_store
 from kava.errors import KavaError
-
-# A number as GSM8K writes it: optional sign and `$`, thousands commas only in groups of three,
-# optional decimals. The look-behind keeps `x2`, `3-4` (a range, not -4) and `.5` fragments out.
-NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.(\d+))?")
-# A finished final-answer line: `#### <something with a digit>` followed by a newline.
-ANSWER_LINE = re.compile(r"####[^\n]*\d[^\n]*\n")
-
-
-def _normalise(match):
-    """Canonical text of a NUMBER match: no `$`, no commas, no trailing decimal zeros."""
-    negative, negative_after_dollar, integer, decimals = match.groups()
-    text = integer.replace(",", "").lstrip("0") or "0"
-    decimals = (decimals or "").rstrip("0")
-    if decimals:
-        text += "." + decimals
-    if (negative or negative_after_dollar) and text != "0":
-        text = "-" + text
-    return text
-
-
-def extract_answer(text):
-    """The final answer in `text`: the first number after the last `####`, else the last number
-    anywhere. Normalised (`$1,234.00` -> `1234`, `-3` stays `-3`, `7.` -> `7`); None if there is
-    no number."""
-    marker = text.rfind("####")
-    if marker >= 0:
-        after = NUMBER.search(text, marker + 4)
-        if after:
-            return _normalise(after)
-    numbers = list(NUMBER.finditer(text))
-    return _normalise(numbers[-1]) if numbers else None
-
-
-def is_correct(pred_text, reference_number):
-    """Exact match of the answer extracted from `pred_text` with the reference, both normalised.
-    The reference may be a number or a string such as "1,234"; one that is not a number is a
-    KavaError, since grading against it would silently score zero."""
-    reference = str(reference_number).strip()
-    match = NUMBER.fullmatch(reference)
-    if match is None:
-        raise KavaError(f"reference answer {reference!r} is not a number")
-    return extract_answer(pred_text) == _normalise(match)
-
+from kava.kvstore import KVStore
 
 def grade(predictions, references):
     """Per-example correctness of generated texts against reference numbers."""
@@ -69,30 +28,11 @@ def grade(predictions, references):
     return [is_correct(pred, ref) for pred, ref in zip(predictions, references)]
 
 
-def _eos_ids(model, tokenizer):
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def _pad_id(model, tokenizer):
-    """A pad id for batching: the model's, else the tokenizer's, else eos (pads are masked, so
-    any id works; eos is what most causal LMs use)."""
-    for pad in (model.generation_config.pad_token_id, tokenizer.pad_token_id):
-        if pad is not None:
-            return pad
-    eos = _eos_ids(model, tokenizer)
-    if not eos:
-        raise KavaError(f"model {model.name_or_path}: no pad or eos token id to pad batches with")
-    return eos[0]
-
-
-def _left_pad(seqs, pad_id, device):
+def _left_pad(seqs, pad, device):
     """Left-padded ids, attention mask and position ids. Positions count real tokens only, so a
     padded row sees the same positions (and RoPE phases) as the row alone."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, width - len(seq):] = torch.tensor(seq)
@@ -158,21 +98,21 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     if not prompts:
         raise KavaError("no prompts to generate from: the prompt list is empty")
     model.eval()
-    pad_id, eos_ids = _pad_id(model, tokenizer), _eos_ids(model, tokenizer)
+    pad, eos = pad_id(tokenizer, model), eos_ids(tokenizer, model)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     texts = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="generate", unit="ex") as progress:
         for batch in _batches([len(e) for e in encoded], batch_size):
-            ids, mask, _ = _left_pad([encoded[i] for i in batch], pad_id, model.device)
+            ids, mask, _ = _left_pad([encoded[i] for i in batch], pad, model.device)
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id, eos_token_id=eos_ids or None,
+                pad_token_id=pad, eos_token_id=eos or None,
                 stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1],
                                                                        stop)]))
             for row, i in enumerate(batch):
                 new = out[row, ids.shape[1]:].tolist()
                 # Cut at the first eos: after it the row holds pads, which need not be special.
-                end = min((new.index(e) for e in eos_ids if e in new), default=len(new))
+                end = min((new.index(e) for e in eos if e in new), default=len(new))
                 texts[i] = _cut_at_stop(tokenizer.decode(new[:end], skip_special_tokens=True),
                                         stop)
             progress.update(len(batch))
@@ -198,7 +138,7 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
     if not prompts:
         raise KavaError("no examples to score: the prompt list is empty")
     model.eval()
-    pad_id = _pad_id(model, tokenizer)
+    pad = pad_id(tokenizer, model)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
     for row, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
@@ -210,7 +150,7 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
     with tqdm(total=len(prompts), desc="answer nll", unit="ex") as progress:
         for batch in _batches(lengths, batch_size):
             ids, mask, positions = _left_pad([prompt_ids[i] + answer_ids[i] for i in batch],
-                                             pad_id, model.device)
+                                             pad, model.device)
             answer_lengths = [len(answer_ids[i]) for i in batch]
             longest = max(answer_lengths)
             # Logits at column t predict the token at t + 1: keep the last longest + 1 columns and
@@ -282,17 +222,13 @@ def teacher_stores(manifests, teachers, train_info):
     """{teacher: KVStore} of `manifests` for `teachers`, each checked against the key space
     training used and, for a teacher the student learned from, against the weights its KV came
     from (a store of other weights or another key space is refused, naming the manifest)."""
-    from kava.kvstore import KVStore
-
     stores = {}
     for path in manifests:
         name = KVStore(path).manifest["teacher"]["name"]
         if name in teachers:
-            expect = {"teacher": name, "key_space": train_info["key_space"]}
-            if name in train_info["teachers"]:
-                trained = train_info["teachers"][name]["identity"]["teacher"]
-                expect["weights_sha256"] = trained["weights_sha256"]
-            stores[name] = KVStore(path, expect=expect)
+            trained = train_info["teachers"].get(name)
+            weights = trained["identity"]["teacher"]["weights_sha256"] if trained else None
+            stores[name] = teacher_store(path, name, weights, key_space=train_info["key_space"])
     missing = [name for name in teachers if name not in stores]
     if missing:
         raise KavaError(f"no KV manifest of teacher {missing[0]} among {list(manifests)} (the "

@@ -13,8 +13,8 @@ teacher information than a constant; 1 means it determines the teacher's KV.
 import torch
 
 from kava.align import cka_layer_map
-from kava.batching import (align_teacher, collate, pad_id, store_positions, student_example,
-                           teacher_inputs)
+from kava.batching import (align_teacher, collate, pad_id, shared_key_space, store_positions,
+                           student_example, teacher_inputs)
 from kava.capture import decoder_layers, forward_kv
 from kava.distill import compared_pairs, student_forward
 from kava.errors import KavaError
@@ -129,12 +129,10 @@ def cka_layer_maps(student, tokenizer, stores, rows, max_length, time_alignment=
     device = next(student.parameters()).device
     students = [student_example(tokenizer, row, max_length) for row in rows]
     student_feats = {i: [] for i in layers}
-    key_spaces = sorted({store.manifest["key_space"] for store in stores.values()})
-    if len(key_spaces) != 1:
-        raise KavaError(f"the teachers' KV stores mix key spaces {key_spaces}")
+    key_space = shared_key_space(stores)
     for s in students:
         ids = s["input_ids"][None].to(device)
-        kv = forward_kv(student, ids, torch.ones_like(ids), layers, key_spaces[0])
+        kv = forward_kv(student, ids, torch.ones_like(ids), layers, key_space)
         for i in layers:
             student_feats[i].append(kv[i][0][0].flatten(1).float().cpu())
     maps = {}

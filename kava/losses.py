@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kava.config import schema_enum
 from kava.errors import KavaError
 
-KV_LOSSES = ("mercator", "mse", "smooth_l1")
-TEACHER_WEIGHTINGS = ("fixed", "learned")
+KV_LOSSES = schema_enum("kv_loss")
+TEACHER_WEIGHTINGS = schema_enum("teacher_weighting")
 
 # Floor under vector norms: log-norm and cosine, and their gradients, stay finite at zero vectors.
 _NORM_EPS = 1e-6

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kava.config import load_schema
 from kava.errors import KavaError
 from kava.io import atomic_path
 
-SOURCE_KINDS = ("hf", "path", "gguf", "random", "derive")
+# A model spec names exactly one source: the schema's model definition requires one of these.
+SOURCE_KINDS = tuple(option["required"][0] for option in load_schema()["$defs"]["model"]["oneOf"])
 
 # model_type -> family. The KV capture relies on each family's attention exposing k_proj/v_proj
 # (phi3: one fused qkv_proj; k_norm where it has one) on model.model.layers[i].self_attn;

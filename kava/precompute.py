@@ -9,7 +9,7 @@ packed into right-padded batches of at most `batch_tokens` padded tokens; right 
 the attention mask leaves every real token's K and V as they would be alone. The decoder body
 runs without lm_head under inference_mode.
 
-Compute dtype: `auto` is the job's own device precision (kava.environment.detect_precision:
+Compute dtype: `auto` is the job's own device precision (kava.environment.compute_dtype:
 bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32); fp32 gives exact hand-checkable
 values. On CPU the result is bit-identical between runs for a given configuration.
 
@@ -35,7 +35,7 @@ from kava.align import pruned_from
 from kava.capture import attention_shape, decoder_layers, forward_kv
 from kava.data import rows_sha256
 from kava.distill import layer_map
-from kava.environment import detect_device, detect_precision
+from kava.environment import compute_dtype, job_device
 from kava.errors import KavaError
 from kava.io import write_json
 from kava.kvstore import (FORMAT, KINDS, SCALED, STORAGE_DTYPES, ShardWriter, basis_ranks,
@@ -43,17 +43,9 @@ from kava.kvstore import (FORMAT, KINDS, SCALED, STORAGE_DTYPES, ShardWriter, ba
                           write_basis)
 from kava.models import load_model, load_tokenizer
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Batches whose K/V are in flight (being copied or written) at once: one being written while
 # the next computes. More would only hold more host memory.
 IN_FLIGHT = 2
-
-
-def compute_dtype(name):
-    """(name, torch dtype) of `precompute.compute_dtype`, resolving `auto` for this job's device."""
-    if name == "auto":
-        name = detect_precision(detect_device())
-    return name, COMPUTE_DTYPES[name]
 
 
 def select_layers(spec, n_teacher, student_card=None, teacher="teacher", arms=None):
@@ -258,7 +250,7 @@ def load_teacher(card, compute):
     """(model on this job's device, tokenizer, identity for precompute_shard / fit_basis) of a
     teacher card, in `precompute.compute_dtype` `compute`."""
     name, dtype = compute_dtype(compute)
-    model = load_model(card, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(card, dtype=dtype, device=job_device())
     tokenizer = load_tokenizer(card["dir"])
     identity = {"teacher": card["name"], "weights_sha256": card["weights_sha256"],
                 "tokenizer": tokenizer_identity(tokenizer, card["dir"]), "compute_dtype": name}

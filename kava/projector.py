@@ -13,12 +13,14 @@ from safetensors import safe_open
 from torch import nn
 
 from kava.align import span_alignment
+from kava.config import schema_enum
 from kava.errors import KavaError
 from kava.io import atomic_path
 from kava.kvstore import write_safetensors
 
-KINDS = ("identity", "ridge", "linear", "mlp")
-DIRECTIONS = ("student_to_teacher", "teacher_to_student")
+# train.projector's kinds but auto, which kava.distill.build_projectors resolves to one of them.
+KINDS = tuple(kind for kind in schema_enum("projector") if kind != "auto")
+DIRECTIONS = schema_enum("projector_direction")
 
 
 def group_average_init(n_teacher_heads, n_student_heads):

@@ -42,17 +42,17 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from kava.align import pruned_from
-from kava.batching import (collate, example_order, pad_id, store_positions, student_example,
-                           teacher_inputs, time_alignment)
+from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
+                           student_example, teacher_inputs, teacher_store, time_alignment)
 from kava.distill import (Distiller, build_projectors, fit_ridge_projectors,
                           gradient_alignment, layer_map, teacher_kv_std, teacher_weights)
+from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # Keys of a train config that do not change what is computed: a checkpoint made under other
 # values of these is still this run's.
@@ -74,12 +74,9 @@ def init_distributed():
     nccl on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = job_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -88,10 +85,17 @@ def init_distributed():
 def resolve_precision(setting, env_precision):
     """train.precision: auto takes the probe's (env.json) choice for this machine."""
     precision = env_precision if setting == "auto" else setting
-    if precision not in PRECISIONS:
+    if precision not in DTYPES:
         raise KavaError(f"train.precision '{precision}' is not one of auto, "
-                        f"{', '.join(PRECISIONS)}")
+                        f"{', '.join(DTYPES)}")
     return precision
+
+
+def mixed_precision(precision, device):
+    """(autocast context, gradient scaler) of a resolved precision: no autocast in fp32, loss
+    scaling in fp16 only (bf16 has fp32's exponent range)."""
+    autocast = torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def micro_batch_size(cfg, env, world):
@@ -111,21 +115,14 @@ def micro_batch_size(cfg, env, world):
 
 def open_stores(teachers):
     """{teacher: KVStore} of the train split, checked against the teacher's card."""
-    from kava.kvstore import KVStore
-
     stores = {}
     for teacher in teachers:
         card = teacher["card"]
-        store = KVStore(teacher["manifest"], expect={
-            "teacher": card["name"], "weights_sha256": card["weights_sha256"]})
+        store = teacher_store(teacher["manifest"], card["name"], card["weights_sha256"])
         if not store.manifest.get("shards") or len(store) == 0:
             raise KavaError(f"{teacher['manifest']}: the KV store of teacher {card['name']} has "
                             f"no shards (empty shard list); rerun precompute")
         stores[card["name"]] = store
-    key_spaces = {store.manifest["key_space"] for store in stores.values()}
-    if len(key_spaces) != 1:
-        raise KavaError(f"the teachers' KV stores mix key spaces {sorted(key_spaces)}; "
-                        f"precompute them all with the same key_space")
     return stores
 
 
@@ -204,7 +201,7 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
         held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer))
         students = students[:-cfg["diagnose_examples"]]
     stores = open_stores(teachers)
-    key_space = next(iter(stores.values())).manifest["key_space"]
+    key_space = shared_key_space(stores)
     partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
     positions = {}
     for name, store in stores.items():
@@ -514,9 +511,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
                                         device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = setup_optimizer(cfg, distiller)
     scheduler = setup_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision],
-                              enabled=PRECISIONS[precision] is not None)
+    autocast, scaler = mixed_precision(precision, device)
 
     # Resume from the latest checkpoint of this very run, if any.
     identity = {

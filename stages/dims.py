@@ -1,17 +1,15 @@
 """Stage dims: one real forward of a model → what its KV cache really looks like (JSON)."""
 
-import torch
-
 from kava.cli import run_stage, stage_parser
 from kava.dims import detect_dims
+from kava.environment import job_device
 from kava.io import read_json, write_json
 from kava.models import load_model, load_tokenizer
 
 
 def main(args):
     card = read_json(args.card)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(card, device=device)
+    model = load_model(card, device=job_device())
     dims = detect_dims(model, load_tokenizer(card["dir"]), card["name"])
     write_json(args.out, dims)
 

@@ -17,12 +17,12 @@ import torch
 
 from kava.cli import json_arg, run_stage, stage_parser
 from kava.data import read_split
+from kava.environment import compute_dtype, job_device
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
                            heldout_kv, prediction_lines, probe_layer_maps,
                            tokenizer_fingerprint)
 from kava.io import atomic_path, read_json, write_json
 from kava.models import load_model, load_tokenizer, materialize
-from kava.precompute import compute_dtype
 from kava.projector import load_projectors
 
 
@@ -33,7 +33,7 @@ def main(args):
                                                               None)
     tokenizer = load_tokenizer(card["dir"])
     dtype_name, dtype = compute_dtype(cfg["dtype"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = job_device()
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
     model = load_model(card, dtype=torch.float32, device=device)
     nlls = answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"])
@@ -67,7 +67,7 @@ def main(args):
                          tokenizer_fingerprint(tokenizer))
     record["model"] = {key: card[key] for key in ("name", "dir", "weights_sha256", "quantize")}
     record["nll_noise"] = noise
-    record["settings"] = {**cfg, "dtype": dtype_name, "nll_dtype": "fp32", "device": device,
+    record["settings"] = {**cfg, "dtype": dtype_name, "nll_dtype": "fp32", "device": device.type,
                           "test_rows": len(rows)}
     with atomic_path(args.predictions) as tmp:
         tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n"

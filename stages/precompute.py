@@ -1,6 +1,7 @@
 """Stage precompute: one teacher x split x shard → a KV shard on scratch + its JSON sidecar."""
 
 from kava.cli import json_arg, run_stage, stage_parser
+from kava.config import schema_enum
 from kava.data import read_split
 from kava.io import atomic_path, read_json, remove_stale_temps, write_json
 from kava.precompute import load_basis, load_teacher, precompute_shard, select_layers
@@ -51,7 +52,7 @@ if __name__ == "__main__":
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--precompute", type=json_arg, required=True, help="precompute section")
     parser.add_argument("--max-length", type=int, required=True)
-    parser.add_argument("--on-too-long", choices=("truncate", "skip"), required=True)
+    parser.add_argument("--on-too-long", choices=schema_enum("on_too_long"), required=True)
     add_layer_arguments(parser)
     parser.add_argument("--basis", help="the teacher's basis file (precompute.dtype: pca)")
     parser.add_argument("--shard-out", required=True)

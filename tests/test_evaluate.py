@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from kava.answers import extract_answer, is_correct
 from kava.errors import KavaError
-from kava.evaluate import (answer_nll, at_word_boundary, eval_record, extract_answer,
-                           generate_answers, grade, is_correct, prediction_lines,
-                           tokenizer_fingerprint)
+from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers, grade,
+                           prediction_lines, tokenizer_fingerprint)
 from kava.models import load_model, load_tokenizer
 
 GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
