@@ -33,7 +33,7 @@ from bench.common import PROJECT, bench_rows, emit, machine, parser, teacher_car
 from kava.align import auto_layer_map, pruned_from
 from kava.batching import collate, pad_id
 from kava.capture import forward_kv
-from kava.config import arm_configs
+from kava.config import arm_configs, schema_defaults
 from kava.dims import detect_dims
 from kava.environment import compute_dtype, job_device, job_precision
 from kava.io import read_json, write_json
@@ -44,14 +44,10 @@ from kava.precompute import pad_batch, precompute_shard, tokenizer_identity
 from kava.train import (mixed_precision, setup_data, setup_model, setup_optimizer,
                         setup_scheduler, step_batches, train_step)
 
-SCHEMA = PROJECT / "workflow" / "schemas" / "config.schema.yaml"
-
-
 def default_train_config():
     """The schema's train defaults, as one kv arm sees them."""
-    properties = yaml.safe_load(SCHEMA.read_text())["properties"]["train"]["properties"]
-    train = {key: spec["default"] for key, spec in properties.items()}
-    return arm_configs({"train": {**train, "arms": {"kv": {"kv_weight": 1.0}}}})["kv"]
+    return arm_configs({"train": {**schema_defaults("train"),
+                                  "arms": {"kv": {"kv_weight": 1.0}}}})["kv"]
 
 
 def student_card(args, workdir):

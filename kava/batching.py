@@ -51,7 +51,7 @@ def student_example(tokenizer, row, max_length):
     return {"id": row["id"], "input_ids": input_ids, "char_spans": spans, "labels": labels}
 
 
-def time_alignment(student, teacher, mode="auto"):
+def time_alignment(student, teacher, mode):
     """How student tokens read one teacher's stored tokens, for one example: the identity for the
     same tokens; else character spans (auto: overlap; causal: only teacher tokens that have not
     read past the student token), interpolation when the store has no offsets or the config asks
@@ -72,7 +72,7 @@ def time_alignment(student, teacher, mode="auto"):
     return interpolate_alignment(n_student, n_teacher)
 
 
-def align_teacher(student, teacher, layers, mode="auto", kv_shape=None):
+def align_teacher(student, teacher, layers, mode, kv_shape=None):
     """One teacher example's stored K and V of `layers`, on the student's tokens.
 
     Returns ({layer: (K, V)} each `[T_s, H_t, D_t]` float32, valid `[T_s]` bool). teacher None
@@ -148,7 +148,7 @@ def _pad(rows, value, length):
     return out
 
 
-def collate(students, teachers, pad_id, mode="auto"):
+def collate(students, teachers, pad_id, mode):
     """students: student_example dicts; teachers: {name: (examples from that teacher's store,
     one per student example, in order, None where the store lacks it; teacher layers to keep;
     the store's (heads, head_dim))}."""

@@ -17,6 +17,12 @@ def load_schema():
     return yaml.safe_load(SCHEMA.read_text())
 
 
+def schema_defaults(section):
+    """{key: default} of a config section as the schema defines it."""
+    return {key: spec["default"] for key, spec in
+            load_schema()["properties"][section]["properties"].items() if "default" in spec}
+
+
 def _properties(spec):
     """(name, spec) of every property in a schema, at any depth."""
     for name, child in spec.get("properties", {}).items():

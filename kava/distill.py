@@ -60,7 +60,7 @@ def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None,
     return mapping, why
 
 
-def student_forward(model, batch, key_space="pre_rope", ce_items=None):
+def student_forward(model, batch, key_space, ce_items=None):
     """One student forward: the model's outputs (with the answer CE when batch.labels is set)
     and its K, V per layer, `[B, T, H, D]`, in the store's key space, with autograd.
 
@@ -122,8 +122,7 @@ class Distiller(nn.Module):
     teacher_std: `[n_teachers, n_student_layers, 2]` standard deviation of each teacher's K and
     V at the layer each student layer maps to (kava.distill.teacher_kv_std)."""
 
-    def __init__(self, student, projectors, teacher_weights, teacher_std, loss_cfg,
-                 key_space="pre_rope"):
+    def __init__(self, student, projectors, teacher_weights, teacher_std, loss_cfg, key_space):
         super().__init__()
         self.student = student
         self.projectors = nn.ModuleDict(projectors)

@@ -184,7 +184,7 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def eval_record(ids, predictions, references, nlls, kv=None, tokenizer=None):
-    """The JSON record of one evaluated model, the shape report.py reads:
+    """The JSON record of one evaluated model, the shape kava.report reads:
 
         {"n": int, "accuracy": float, "nll": float,
          "kv_cosine": None | {"overall": float, "per_teacher": {teacher: float},

@@ -40,8 +40,8 @@ def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_
 
 
 @torch.no_grad()
-def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size,
-              key_space="pre_rope", time_alignment="auto"):
+def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size, key_space,
+              time_alignment):
     """Raw held-out KV cosine of a trained student and its projectors on `rows` (e.g. the test
     split) against the teachers' stored KV, compared as in training (one side projected): mean
     over valid tokens, heads, and K and V.
@@ -90,7 +90,7 @@ def _probe_data(student, stores, layer_maps, rows, tokenizer, max_length, batch_
 
 
 def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows, test_rows,
-                max_length, batch_size, ridge, key_space="pre_rope", time_alignment="auto"):
+                max_length, batch_size, ridge, key_space, time_alignment):
     """Held-out R² of a ridge probe from the student's KV to each teacher's (module docstring),
     per teacher and student layer, the mean of K and V. layer_maps: {teacher: [teacher layer per
     student layer]}. Returns {"overall", "per_teacher", "per_layer"} like kv_cosine."""
@@ -119,7 +119,7 @@ def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train
 
 
 @torch.no_grad()
-def cka_layer_maps(student, tokenizer, stores, rows, max_length, time_alignment="auto"):
+def cka_layer_maps(student, tokenizer, stores, rows, max_length, time_alignment):
     """Per teacher, the stored teacher layer whose K has the highest linear CKA with each
     student layer's K (in the stores' key space, heads flattened), over the aligned tokens of
     `rows`.

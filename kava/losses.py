@@ -46,7 +46,7 @@ def _cosine(p, s, p_norm, s_norm):
     return (p * s).sum(dim=-1) / (p_norm * s_norm)
 
 
-def kv_loss(pred, target, mask, kind, alpha=1.0, beta=0.01, std=None):
+def kv_loss(pred, target, mask, kind, *, alpha, beta, std=None):
     """Scalar loss between two `[B, T, H, D]` KV tensors of one layer over the valid tokens.
 
     mercator: alpha·(1 − cos) + beta·(log‖pred‖ − log‖target‖)² per token and head (direction

@@ -198,7 +198,8 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
         if len(students) <= cfg["diagnose_examples"]:
             raise KavaError(f"train.diagnose_examples {cfg['diagnose_examples']} leaves no train "
                             f"example of {len(students)} to train on")
-        held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer))
+        held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer),
+                           cfg["time_alignment"])
         students = students[:-cfg["diagnose_examples"]]
     stores = open_stores(teachers)
     key_space = shared_key_space(stores)

@@ -41,7 +41,7 @@ if __name__ == "__main__":
     parser.add_argument("--manifests", nargs="*", default=[], help="every KV manifest")
     parser.add_argument("--benchmarks-dir", help="the run's benchmarks/ folder")
     parser.add_argument("--report", type=json_arg, required=True, help="the report section, JSON")
-    parser.add_argument("--title", default="kava report")
+    parser.add_argument("--title", required=True)
     parser.add_argument("--html", required=True)
     parser.add_argument("--markdown", required=True)
     parser.add_argument("--summary", required=True, help="eval/summary.json")

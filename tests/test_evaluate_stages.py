@@ -110,7 +110,7 @@ def test_report_stage_refuses_empty_predictions(tmp_path):
                                                     "teachers": {}, "arms": {}}),
                    "--metrics", "{}", "--report", json.dumps(
                        {"control": "ce", "contrasts": [], "n_boot": 100, "seed": 0}),
-                   *[str(x) for pair in outputs.items() for x in pair])
+                   "--title", "kava report", *[str(x) for pair in outputs.items() for x in pair])
     assert "no evaluated examples (empty predictions)" in one_line_error(result)
     assert not any(path.exists() for path in outputs.values())
 

@@ -1,10 +1,17 @@
+import functools
 import math
 
 import pytest
 import torch
 
+from kava import losses
+from kava.config import schema_defaults
 from kava.errors import KavaError
-from kava.losses import KV_LOSSES, TeacherWeights, kv_loss, masked_cosine
+from kava.losses import KV_LOSSES, TeacherWeights, masked_cosine
+
+# Mercator's alpha and beta as a run gets them: the schema's train defaults.
+TRAIN = schema_defaults("train")
+kv_loss = functools.partial(losses.kv_loss, alpha=TRAIN["kv_alpha"], beta=TRAIN["kv_beta"])
 
 
 def _batch(seed=0, shape=(3, 7, 3, 64)):

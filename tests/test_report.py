@@ -3,6 +3,7 @@ recovered), honest wording, and the rendered HTML/Markdown from synthetic evalua
 training metrics and run facts (1, 2 or 3 seeds; 1 to 3 arms)."""
 
 import base64
+import functools
 import html as html_lib
 import json
 import re
@@ -10,13 +11,18 @@ import re
 import numpy as np
 import pytest
 
+from kava import report
+from kava.config import schema_defaults
 from kava.errors import KavaError
 from kava.evaluate import eval_record
-from kava.report import build_summary, load_evals, load_facts, load_metrics, render_report
+from kava.report import load_evals, load_facts, load_metrics
 from kava.report.load import read_benchmark
 from kava.report.plots import _curve_panels
 from kava.report.render import describe_difference
 
+# The report section's settings as a run gets them (the schema's defaults), and a title.
+build_summary = functools.partial(report.build_summary, **schema_defaults("report"))
+render_report = functools.partial(report.render_report, title="kava report")
 N = 120
 TEACHERS = ["llama", "gemma"]
 BENCHMARK_TSV = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\t"

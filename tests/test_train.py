@@ -158,11 +158,11 @@ def test_time_alignment_identity_spans_and_interpolation(world):
     tokenizer = load_tokenizer(world["student"]["dir"])
     student = student_example(tokenizer, world["rows"][1], MAX_LENGTH)
     same = KVStore(world["teachers"][0]["manifest"]).example(1)
-    weights, valid = time_alignment(student, same)
+    weights, valid = time_alignment(student, same, "auto")
     assert weights is None and valid.all()  # same tokens: the identity, no matrix at all
     other = KVStore(world["teachers"][1]["manifest"]).example(1)
     assert len(other["input_ids"]) < len(student["input_ids"])  # BPE merges bytes
-    weights, valid = time_alignment(student, other)
+    weights, valid = time_alignment(student, other, "auto")
     assert weights.shape == (len(student["input_ids"]), len(other["input_ids"]))
     torch.testing.assert_close(weights[valid].sum(1), torch.ones(int(valid.sum())))
     # Each student byte lies in exactly one teacher token: one weight of 1 per row.
@@ -178,7 +178,7 @@ def test_collate_pads_and_masks(world):
     positions = {name: [0, 1] for name in stores}
     layers = {name: [0, 3] for name in stores}
     batch = collate(students, teacher_inputs(stores, positions, [0, 1], layers),
-                    tokenizer.pad_token_id)
+                    tokenizer.pad_token_id, "auto")
     assert batch.input_ids.shape == (2, 64)
     assert batch.attention_mask[0].tolist() == [1] * 40 + [0] * 24
     assert (batch.labels[0, 40:] == IGNORE_INDEX).all()
@@ -201,7 +201,7 @@ def test_real_tokenizers_map_each_student_token_to_the_teacher_tokens_covering_i
                          "char_spans": torch.tensor(tokens["offset_mapping"])}
     student, teacher = encoded["smollm2"], encoded["gemma3"]
     assert not torch.equal(student["input_ids"], teacher["input_ids"][:len(student["input_ids"])])
-    weights, valid = time_alignment(student, teacher)
+    weights, valid = time_alignment(student, teacher, "auto")
     t_spans = teacher["char_spans"].tolist()
     for i, (start, end) in enumerate(student["char_spans"].tolist()):
         covering = [j for j, (a, b) in enumerate(t_spans) if a < end and start < b]
@@ -245,7 +245,7 @@ def test_post_rope_capture_matches_the_cache(world):
     model = load_model(world["student"])
     tokenizer = load_tokenizer(world["student"]["dir"])
     students = [student_example(tokenizer, world["rows"][0], 48)]
-    batch = collate(students, {}, tokenizer.pad_token_id)
+    batch = collate(students, {}, tokenizer.pad_token_id, "auto")
     _, kv = student_forward(model, batch, "post_rope")
     expected = forward_kv(model, batch.input_ids, batch.attention_mask, range(4), "post_rope")
     for layer, (k, v) in enumerate(kv):
@@ -256,7 +256,7 @@ def test_post_rope_capture_matches_the_cache(world):
 def test_cka_layer_map_of_the_student_against_itself_is_the_identity(world, self_teacher):
     stores = {"self": KVStore(self_teacher["manifest"])}
     maps = cka_layer_maps(load_model(world["student"]), load_tokenizer(world["student"]["dir"]),
-                          stores, world["rows"][:4], MAX_LENGTH)
+                          stores, world["rows"][:4], MAX_LENGTH, "auto")
     assert maps["self"]["layer_map"] == [0, 1, 2, 3]
     scores = torch.tensor(maps["self"]["scores"], dtype=torch.float64)
     torch.testing.assert_close(scores.diagonal(), torch.ones(4, dtype=torch.float64))
@@ -351,7 +351,8 @@ def test_kv_cosine_of_a_trained_student(world, reference):
     student = AutoModelForCausalLM.from_pretrained(out["student"])
     stores = {t["card"]["name"]: KVStore(t["manifest"]) for t in world["teachers"]}
     cos = kv_cosine(student, load_projectors(out["projector"]), stores, world["rows"][:6],
-                    load_tokenizer(out["student"]), MAX_LENGTH, batch_size=4)
+                    load_tokenizer(out["student"]), MAX_LENGTH, batch_size=4, key_space="pre_rope",
+                    time_alignment="auto")
     assert set(cos["per_teacher"]) == set(stores)
     assert all(len(values) == 4 for values in cos["per_layer"].values())
     assert -1 <= cos["overall"] <= 1 and cos["overall"] > 0.1

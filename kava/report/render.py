@@ -317,7 +317,7 @@ def _markdown(title, sections):
     return "\n".join(lines)
 
 
-def render_report(summary, evals, metrics, facts, title="kava report"):
+def render_report(summary, evals, metrics, facts, title):
     """(report.html, report.md, plots) from build_summary's dict, EVALS, METRICS and FACTS
     (shapes in the module docstring). The HTML is self-contained: plots are inlined PNGs; the
     same plots come back as {name: PNG bytes} for tools that show figures one by one (e.g.

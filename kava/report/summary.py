@@ -100,7 +100,7 @@ def _compare(arm_runs, reference_runs, best_teacher, n_boot, seed):
     return entry
 
 
-def build_summary(evals, control="ce", contrasts=(), n_boot=10000, seed=0):
+def build_summary(evals, control, contrasts, n_boot, seed):
     """The dict written as summary.json, from EVALS (module docstring).
 
     Every arm is compared with the control arm on the seeds both ran: the per-example difference
