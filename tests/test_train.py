@@ -19,7 +19,7 @@ from conftest import PROJECT
 from kava.batching import (IGNORE_INDEX, collate, example_order, student_example,
                            teacher_inputs, time_alignment)
 from kava.capture import forward_kv
-from kava.config import arm_configs
+from kava.config import arm_configs, schema_defaults
 from kava.data import PROMPT_TEMPLATE, rows_sha256, write_split
 from kava.dims import detect_dims
 from kava.distill import layer_map, layer_scores, student_forward, teacher_kv_std
@@ -34,14 +34,11 @@ from kava.train import derangement, lr_factor, setup_data, train
 from test_kvstore import build_store
 
 MAX_LENGTH = 256
-SCHEMA = yaml.safe_load((PROJECT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 
 def train_config(**overrides):
     """The schema's train defaults (without the run-wide keys) with `overrides`."""
-    defaults = {key: spec["default"]
-                for key, spec in SCHEMA["properties"]["train"]["properties"].items()}
-    config = {"train": {**defaults, **overrides, "arms": {"arm": {}}}}
+    config = {"train": {**schema_defaults("train"), **overrides, "arms": {"arm": {}}}}
     return arm_configs(config)["arm"]
 
 
