@@ -221,10 +221,10 @@ def load_projectors(path):
         for teacher in json.loads(metadata["teachers"]):
             meta = {key: metadata[f"{teacher}.{key}"] for key in
                     ("kind", "direction", "teacher_shape", "student_shape", "layer_map", "hidden")}
-            hidden = json.loads(meta["hidden"])
+            # hidden is null for every kind but mlp, which alone has hidden units.
             projector = KVProjector(json.loads(meta["layer_map"]), json.loads(meta["teacher_shape"]),
                                     json.loads(meta["student_shape"]), meta["kind"],
-                                    hidden if hidden is not None else 512, meta["direction"])
+                                    json.loads(meta["hidden"]), meta["direction"])
             stored = set(f.keys())
             missing = [n for n in projector.state_dict() if f"{teacher}.{n}" not in stored]
             if missing:
