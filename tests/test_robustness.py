@@ -111,8 +111,6 @@ def test_planned_jobs_carry_the_configured_threads_gpus_and_checkpoints(tmp_path
     (["--default-resources", "cpus_per_task=4"], "kava: error: --default-resources cpus_per_task "
      "(profile or command line) overrides the config key threads (SLURM gets cpus-per-task = "
      "threads); remove it and set threads"),
-    (["--cores", "1"], "kava: error: the config key threads (2) exceeds --cores 1 (profile or "
-     "command line), which would cut it; lower threads or raise --cores"),
     (["--resources", "gpu=1"], "kava: error: the config key train.gpus (2) exceeds the gpu "
      "resource 1 (profile or --resources), which would cut it; raise it with --resources gpu=2"),
 ])
@@ -120,6 +118,21 @@ def test_an_override_of_the_config_is_refused_in_one_line(tmp_path, extra, messa
     result = dry_run(tmp_path, "local", *extra)
     assert result.returncode != 0
     assert message in result.output.splitlines()
+
+
+def test_threads_above_the_local_cores_are_refused_before_any_job(tmp_path):
+    """Checked at onstart, once the executor is known (a SLURM job is not cut to --cores), so a
+    real run: it must stop before the first job."""
+    def change(config):
+        config["threads"] = 2
+
+    result = snakemake("--profile", "profiles/local", "--configfile",
+                       str(write_config(tmp_path, change)), "--cores", "1",
+                       env={"KAVA_OUTPUT_PATH": str(tmp_path / "out")})
+    assert result.returncode != 0
+    assert ("kava: error: the config key threads (2) exceeds --cores 1 (profile or command "
+            "line), which would cut it; lower threads or raise --cores") in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_run_recovers_as_the_readme_says(tmp_path):

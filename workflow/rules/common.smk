@@ -65,20 +65,22 @@ def refuse_overrides(settings):
         if rule_name == "train" and name == "gpu":
             raise WorkflowError(f"kava: error: {where}gpu (profile or command line) overrides "
                                 f"the config key train.gpus; remove it and set train.gpus")
-    # Snakemake cuts a job's threads down to --cores, and any resource down to its global limit
-    # (--resources), without a word. A dry run without --cores plans with 1 core, a display
-    # artefact (a SLURM run is not capped), so that one is let through.
-    cores_given = settings.cores and not (workflow.dryrun and settings.cores == 1)
-    if cores_given and config["threads"] > settings.cores:
-        raise WorkflowError(f"kava: error: the config key threads ({config['threads']}) exceeds "
-                            f"--cores {settings.cores} (profile or command line), which would cut "
-                            f"it; lower threads or raise --cores")
+    # Snakemake cuts any resource down to its global limit (--resources) without a word.
     gpu_limit = getattr(settings._parsed_resources.get("gpu"), "value", None)
     gpus = max(arm_config["gpus"] for arm_config in ARMS.values())
     if gpu_limit is not None and gpus > gpu_limit:
         raise WorkflowError(f"kava: error: the config key train.gpus ({gpus}) exceeds the gpu "
                             f"resource {gpu_limit} (profile or --resources), which would "
                             f"cut it; raise it with --resources gpu={gpus}")
+
+
+def refuse_core_cut(settings):
+    """Local execution cuts a job's threads down to --cores without a word. Only known once the
+    executor is (onstart): a SLURM job gets the CPUs it asks for, whatever --cores says."""
+    if config["threads"] > settings.cores:
+        raise WorkflowError(f"kava: error: the config key threads ({config['threads']}) exceeds "
+                            f"--cores {settings.cores} (profile or command line), which would cut "
+                            f"it; lower threads or raise --cores")
 
 
 if workflow.is_main_process:
