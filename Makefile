@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run smoke test bench
+.PHONY: run smoke test bench slurm
 
 run: $(STAMP)
 	snakemake --profile profiles/local $(ARGS)
@@ -13,8 +13,13 @@ run: $(STAMP)
 smoke: $(STAMP)
 	snakemake --profile profiles/local --configfile config/smoke.yaml $(ARGS)
 
-test: $(STAMP)
+# The suite includes tests on a real SLURM (tests/test_slurm.py): start it first (root, Debian).
+test: $(STAMP) slurm
 	python -m pytest $(ARGS)
+
+# A single-node SLURM on this machine: installed and started if needed, else a no-op.
+slurm:
+	bash tests/slurm/start-local-slurm.sh
 
 $(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
