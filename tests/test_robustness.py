@@ -30,7 +30,8 @@ def odd_paths_run(tmp_path_factory):
         config["train"] = {**config["train"], "steps": 4,
                            "arms": {"ce": {"kv_weight": 0}, "kv": {"layer_map": "cka"}}}
 
-    configfile = write_config(root, variants) if root.mkdir(parents=True) is None else None
+    root.mkdir(parents=True)
+    configfile = write_config(root, variants)
     result = snakemake("--profile", "profiles/local", "--configfile", str(configfile), "--nolock",
                        env=env)
     return result, root, env
@@ -45,9 +46,9 @@ def test_pipeline_runs_with_odd_absolute_paths(odd_paths_run):
     assert (root / "models" / "student" / "config.json").exists()
     assert (results / "layer_maps" / "cka.json").exists()
     assert list((root / "scratch" / "smoke" / "kv").rglob("shard-*.safetensors"))
-    for flag in ("--base-card", "--student-card", "--cka-maps"):
-        assert f"{flag} '{results}/models/" in result.output or f"{flag} '{results}/layer_maps/" \
-            in result.output, flag
+    for flag, folder in (("--base-card", "models"), ("--student-card", "models"),
+                         ("--cka-maps", "layer_maps")):
+        assert f"{flag} '{results}/{folder}/" in result.output, flag
 
 
 def planned_jobs(output):
