@@ -5,9 +5,11 @@ For each teacher, over the same rows and the same length-sorted batches, alterna
 - precompute: kava.precompute.precompute_shard, i.e. tokenisation, the forward with K/V
   capture, the cast to the stored dtype, the write into the shard and its sha256.
 Both count the same real (unpadded) tokens. Model loading is outside both. Goal: the ratio of
-precompute to forward tokens/s >= 0.90.
+precompute to forward tokens/s >= 0.95. `--layers mapped` (the default, as precompute.layers)
+stores the layers the default student's auto layer map reads; `all` stores every layer.
 
-    python -m bench.precompute [--tiny | --card CARD ...] [--examples 32] [--repeats 3]
+    python -m bench.precompute [--tiny | --card CARD ... --student-card CARD] [--examples 32]
+                               [--repeats 3] [--layers mapped|all] [--dtype bf16]
 """
 
 import tempfile
@@ -15,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import bench_rows, emit, machine, parser, teacher_cards, timed
+from bench.common import bench_rows, emit, machine, parser, student_card, teacher_cards, timed
 from kava.environment import compute_dtype
+from kava.io import read_json
 from kava.models import load_model, load_tokenizer
-from kava.precompute import (length_batches, pad_batch, precompute_shard,
-                             tokenize, tokenizer_identity)
+from kava.precompute import (length_batches, pad_batch, precompute_shard, select_layers, tokenize,
+                             tokenizer_identity)
 
 
 def bare_forward(model, batches, kept):
@@ -33,6 +36,8 @@ def main():
     cli = parser(__doc__)
     cli.add_argument("--repeats", type=int, default=3)
     cli.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "fp8"))
+    cli.add_argument("--layers", default="mapped", choices=("mapped", "all"))
+    cli.add_argument("--student-card", help="for --layers mapped (default: the default run's)")
     cli.add_argument("--batch-tokens", type=int, default=2048)
     cli.add_argument("--max-length", type=int, default=256)
     args = cli.parse_args()
@@ -40,9 +45,11 @@ def main():
     rows, source = bench_rows(args.examples)
     figures = {"bench": "precompute", "machine": machine(args.threads), "data": source,
                "examples": len(rows), "compute_dtype": dtype_name, "dtype": args.dtype,
-               "teachers": {}}
+               "layers": args.layers, "teachers": {}}
     with tempfile.TemporaryDirectory(prefix="kava-bench-") as workdir:
+        student = read_json(args.student_card) if args.student_card else student_card(args, workdir)
         for name, card in teacher_cards(args, workdir).items():
+            layers = select_layers(args.layers, card["num_layers"], student, name)
             model = load_model(card, dtype=dtype)
             tokenizer = load_tokenizer(card["dir"])
             kept, _, _ = tokenize(tokenizer, rows, args.max_length, "truncate", name)
@@ -56,7 +63,7 @@ def main():
             def precompute():
                 return precompute_shard(
                     model, tokenizer, rows, shard, identity=identity,
-                    layers=list(range(card["num_layers"])), key_space="pre_rope",
+                    layers=layers, key_space="pre_rope",
                     dtype=args.dtype, max_length=args.max_length, on_too_long="truncate",
                     batch_tokens=args.batch_tokens, progress_label=name)
 
@@ -66,7 +73,7 @@ def main():
                 forward_s = min(forward_s, timed(lambda: bare_forward(model, batches, kept))[0])
                 precompute_s = min(precompute_s, timed(precompute)[0])
             figures["teachers"][name] = {
-                "tokens": tokens, "batches": len(batches), "layers": card["num_layers"],
+                "tokens": tokens, "batches": len(batches), "layers": len(layers),
                 "forward_s": round(forward_s, 3), "precompute_s": round(precompute_s, 3),
                 "forward_tokens_per_s": round(tokens / forward_s, 1),
                 "precompute_tokens_per_s": round(tokens / precompute_s, 1),
