@@ -112,7 +112,7 @@ def quality_arm(card, student, student_dims, teacher_dims, train_rows, test_rows
     model = distiller.student.eval()
     probe = kv_probe_r2(model, data.tokenizer, {card["name"]: reference["train"]},
                         {card["name"]: reference["test"]}, data.layer_maps, train_rows, test_rows,
-                        MAX_LENGTH, 8, cfg["projector_ridge"])
+                        MAX_LENGTH, 8, cfg["projector_ridge"], data.key_space, data.alignment)
     return probe["overall"]
 
 
