@@ -593,12 +593,14 @@ def test_an_arm_with_an_unknown_key_is_named(tmp_path):
 
 
 def test_a_job_given_two_gpus_runs_under_torchrun(tmp_path):
-    def three_arms(config):
+    def three_arms(config, gpus=1):
         config["train"]["arms"] = {"ce": {"kv_weight": 0}, "kv": {}, "mse": {"kv_loss": "mse"}}
+        config["train"]["gpus"] = gpus
 
-    # A two-GPU machine: the local profile's one GPU raised to two, as its comment says.
-    result = smoke_dry_run(tmp_path, three_arms, "--resources", "gpu=2",
-                           "--set-resources", "train:gpu=2")
+    # A two-GPU machine: the local profile's one GPU raised to two, as its comment says, and
+    # train.gpus 2.
+    result = smoke_dry_run(tmp_path, lambda config: three_arms(config, gpus=2),
+                           "--resources", "gpu=2")
     assert result.returncode == 0, result.stdout[-3000:]
     commands = [line for line in result.stdout.splitlines() if "stages.train" in line]
     assert len(commands) == 3
