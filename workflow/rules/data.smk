@@ -1,9 +1,3 @@
-SPLITS = ["train", "test"]
-# The keys of `data` that decide which rows are prepared (max_length and on_too_long act per
-# teacher, at precompute): changing only those must not redo the data and everything after it.
-PREPARE_KEYS = ["source", "path", "train_size", "test_size", "seed", "on_bad_row"]
-
-
 checkpoint prepare:
     """The configured data source → data/{train,test}.parquet + data.json (source, row hashes,
     skipped rows). A checkpoint: the number of precompute shards follows the rows it wrote."""
@@ -14,7 +8,7 @@ checkpoint prepare:
     params:
         data=as_json({key: config["data"][key] for key in PREPARE_KEYS}),
         env_data_path=PATHS["data_source"] or "",
-        out_dir=f"{RESULTS}/data",
+        out_dir=lambda w, output: str(Path(output.info).parent),
     log:
         log_path("prepare", "prepare"),
     benchmark:

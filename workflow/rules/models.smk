@@ -1,8 +1,3 @@
-def derive_base_card(wildcards):
-    base = config["models"][wildcards.model].get("derive", {}).get("base")
-    return [card(base)] if base else []
-
-
 rule materialize:
     """A configured model → local HF folder (safetensors + tokenizer) + its card."""
     input:

@@ -1,41 +1,3 @@
-KV = f"{RESULTS}/kv/{{teacher}}/{{split}}"
-# Big tensors on scratch, their small JSON sidecars beside the manifest.
-SHARD_FILE = f"{PATHS['scratch']}/kv/{{teacher}}/{{split}}/shard-{{shard}}.safetensors"
-SHARD_INFO = f"{KV}/shards/shard-{{shard}}.json"
-BASIS = f"{RESULTS}/kv/{{teacher}}/basis.safetensors"
-
-
-wildcard_constraints:
-    teacher="|".join(map(re.escape, config["teachers"])),
-    split="|".join(SPLITS),
-    shard=r"\d{5}",
-
-
-MAPPED = config["precompute"]["layers"] == "mapped"
-
-
-def student_card(wildcards):
-    """The student (its depth, and the teacher layers a pruned one keeps) matters only to
-    precompute.layers: mapped; depending on it otherwise would redo every teacher's KV whenever
-    the student changes."""
-    return [card(config["student"])] if MAPPED else []
-
-
-def layer_arguments(wildcards, input):
-    """--student-card and --arms (each arm's layer map settings) for precompute.layers: mapped;
-    only then do they reach the job, so only then does changing them redo the KV."""
-    if not MAPPED:
-        return ""
-    arms = {arm: {key: cfg[key] for key in ("layer_map", "explicit_layer_map")}
-            for arm, cfg in ARMS.items()}
-    return f"{path_arg('--student-card', input.student_card)} --arms {shlex.quote(as_json(arms))}"
-
-
-def basis(wildcards):
-    """The teacher's basis, for precompute.dtype: pca."""
-    return [BASIS] if config["precompute"]["dtype"] == "pca" else []
-
-
 rule kv_basis:
     """A teacher's KV on the first precompute.basis_examples train rows → per stored layer and
     K/V the principal components keeping precompute.pca_variance (dtype: pca), stored once."""
@@ -62,14 +24,6 @@ rule kv_basis:
         "--data {input.data:q} --precompute {params.precompute:q} "
         "--max-length {params.max_length} --teacher-dims {input.teacher_dims:q} "
         "{params.layer_arguments} --out {output.basis:q} > {log:q} 2>&1"
-
-
-def shard_ids(wildcards):
-    """Shards of a split: as many as its prepared rows need (read once prepare has run)."""
-    info = json.loads(Path(checkpoints.prepare.get().output.info).read_text())
-    rows = info["splits"][wildcards.split]["rows"]
-    per_shard = config["precompute"]["examples_per_shard"]
-    return [f"{index:05d}" for index in range((rows + per_shard - 1) // per_shard)]
 
 
 rule precompute:

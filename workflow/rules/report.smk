@@ -1,14 +1,3 @@
-# The run's report: report.html + report.md, eval/summary.json, and the plots as PNG files for
-# Snakemake's own report (`snakemake --report report.html`).
-TRAIN_RUNS = {arm: {seed: f"{RESULTS}/train/{arm}/seed{seed}" for seed in SEEDS} for arm in ARMS}
-EVAL_FILES = {
-    "init": f"{EVAL}/init.json",
-    "teachers": {t: f"{EVAL}/teacher-{t}.json" for t in config["teachers"]
-                 if f"teacher-{t}" in EVALUATED},
-    "arms": {arm: {seed: f"{EVAL}/{arm}-seed{seed}.json" for seed in SEEDS} for arm in ARMS},
-}
-
-
 rule report:
     """Every evaluation, training log, KV manifest, dims file and benchmark of the run → the
     summary table, the kv − ce A/B with paired bootstrap CIs, plots and the run's facts."""

@@ -1,25 +1,3 @@
-TRAIN = f"{RESULTS}/train/{{arm}}/seed{{seed}}"
-CKA_MAPS = f"{RESULTS}/layer_maps/cka.json"
-TRAIN_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/train/manifest.json", teacher=config["teachers"])
-
-
-wildcard_constraints:
-    arm="|".join(map(re.escape, ARMS)),
-    seed=r"\d+",
-
-
-def cka_maps(wildcards):
-    """The CKA layer maps, for an arm that uses them (otherwise the cka rule never runs)."""
-    return [CKA_MAPS] if ARMS[wildcards.arm]["layer_map"] == "cka" else []
-
-
-def train_launcher(wildcards, resources):
-    """One process per GPU the job was given: under torchrun (DDP) when there are several."""
-    if resources.gpu > 1:
-        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m"
-    return "python -m"
-
-
 rule cka_layer_map:
     """Linear CKA between the initial student's and each teacher's per-layer K on a sample of
     train examples → the best stored teacher layer per student layer (layer_map: cka)."""
