@@ -15,9 +15,10 @@ from contextlib import contextmanager
 
 import torch
 
+from kava.config import schema_enum
 from kava.errors import KavaError
 
-KEY_SPACES = ("pre_rope", "post_rope")
+KEY_SPACES = schema_enum("key_space")
 
 
 def decoder_layers(model):

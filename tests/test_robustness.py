@@ -179,3 +179,31 @@ def test_killed_run_recovers_as_the_readme_says(tmp_path):
             done = results / "train" / arm / "seed0" / name
             assert done.read_bytes() == (tmp_path / "reference" / "smoke" / "train" / arm
                                          / "seed0" / name).read_bytes(), (arm, name)
+
+
+def test_cka_maps_use_the_time_alignment_of_the_arms_that_read_them(tmp_path):
+    """The CKA rule follows the cka arms' own time_alignment, not the base train section's; arms
+    that disagree on it are refused, since the maps are computed once."""
+    def arms(alignments):
+        def change(config):
+            config["train"]["time_alignment"] = "auto"
+            config["train"]["arms"] = {"ce": {"kv_weight": 0}, **{
+                f"cka{index}": {"layer_map": "cka", "time_alignment": alignment}
+                for index, alignment in enumerate(alignments)}}
+        return change
+
+    def plan(alignments, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        return snakemake("-n", "--profile", "profiles/local", "--configfile",
+                         str(write_config(folder, arms(alignments))), "--nolock",
+                         env={"KAVA_OUTPUT_PATH": str(folder / "out")})
+
+    result = plan(["interpolate"], "one")
+    assert result.returncode == 0, result.output[-3000:]
+    (cka,) = planned_jobs(result.stdout)["cka_layer_map"]
+    assert "--time-alignment interpolate" in cka["shell"]
+    result = plan(["interpolate", "causal"], "two")
+    assert result.returncode != 0
+    assert ("kava: error: the arms with layer_map cka use time_alignment causal and interpolate; "
+            "the CKA maps are computed once, so give them one time_alignment") in result.output

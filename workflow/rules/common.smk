@@ -155,6 +155,18 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+def cka_time_alignment():
+    """The time alignment of the arms that use the CKA maps: the maps are computed once, so
+    those arms must agree on it (the base train section's value only if no arm uses them)."""
+    alignments = sorted({arm_config["time_alignment"] for arm_config in ARMS.values()
+                         if arm_config["layer_map"] == "cka"})
+    if len(alignments) > 1:
+        raise WorkflowError(f"kava: error: the arms with layer_map cka use time_alignment "
+                            f"{' and '.join(alignments)}; the CKA maps are computed once, so give "
+                            f"them one time_alignment")
+    return alignments[0] if alignments else config["train"]["time_alignment"]
+
+
 def cka_maps(wildcards):
     """The CKA layer maps, for an arm that uses them (otherwise the cka rule never runs)."""
     return [CKA_MAPS] if ARMS[wildcards.arm]["layer_map"] == "cka" else []

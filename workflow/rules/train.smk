@@ -11,7 +11,7 @@ rule cka_layer_map:
     params:
         examples=config["train"]["cka_examples"],
         max_length=config["data"]["max_length"],
-        time_alignment=config["train"]["time_alignment"],
+        time_alignment=cka_time_alignment(),
     log:
         log_path("cka_layer_map", "cka"),
     benchmark:
