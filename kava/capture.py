@@ -9,6 +9,9 @@ Layout of everything returned: `[B, T, H_kv, D]`.
 - `post_rope` keys are what the attention caches. They are read from a `DynamicCache()` built
   without the model config: that cache keeps every layer at full length, whereas the model's
   default cache truncates sliding-window layers to their window.
+
+forward_kv stops the forward once the last requested layer's K and V exist: that layer's
+attention output and MLP, any later layers and the final norm would be computed for nothing.
 """
 
 from contextlib import contextmanager
@@ -79,8 +82,28 @@ def pre_rope_hooks(model, layers):
             handle.remove()
 
 
+class _Enough(Exception):
+    """Raised by stop_after's hook: everything forward_kv returns has been computed."""
+
+
+@contextmanager
+def stop_after(module):
+    """End any forward run inside the block as soon as `module` has returned."""
+    def stop(module, inputs, output):
+        raise _Enough
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+
+
 def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
-    """One forward of the decoder body (no lm_head, no logits): `{layer: (k, v)}`, [B,T,H,D]."""
+    """The decoder body's forward up to the last of `layers` (no lm_head, no logits):
+    `{layer: (k, v)}`, [B,T,H,D]."""
     from transformers import DynamicCache
 
     if key_space not in KEY_SPACES:
@@ -90,13 +113,19 @@ def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
     if bad:
         raise KavaError(f"layers {bad} out of range for a model with {n_layers} layers")
     body = model.model
+    last = decoder_layers(model)[max(layers)].self_attn
     if key_space == "post_rope":
         cache = DynamicCache()
-        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-             past_key_values=cache)
+        # The cache is filled inside the attention, before its output projection.
+        with stop_after(last):
+            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                 past_key_values=cache)
         return {layer: (cache.layers[layer].keys.transpose(1, 2),
                         cache.layers[layer].values.transpose(1, 2)) for layer in layers}
-    with pre_rope_hooks(model, layers) as captured:
+    # Registered after the capture hooks, so it runs after them on the last V projection (K is
+    # projected before V in every supported family; phi3 projects both at once).
+    with pre_rope_hooks(model, layers) as captured, \
+            stop_after(getattr(last, "qkv_proj", None) or last.v_proj):
         body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return {layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers}
 

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import PROJECT
-from kava.capture import cache_kv
+from kava.capture import cache_kv, forward_kv
 from kava.data import write_split
 from kava.dims import detect_dims
 from kava.errors import KavaError
@@ -97,6 +97,27 @@ def test_post_rope_keys_equal_the_cache(tiny_card, tmp_path, architecture):
             # Not the same as pre-RoPE: rotary really was applied (position 0 is unrotated).
             pre, _ = hand_kv(model, example["input_ids"], 1)
             assert not torch.allclose(example["k"][1][1:], pre[1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "phi3"])
+@pytest.mark.parametrize("key_space", ["pre_rope", "post_rope"])
+def test_the_forward_stops_after_the_last_requested_layer(tiny_card, architecture, key_space):
+    model = load_model(tiny_card(architecture))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    mask = torch.ones_like(ids)
+    ran = []
+    handles = [module.register_forward_hook(lambda *_, name=name: ran.append(name))
+               for name, module in [("layer 0 mlp", model.model.layers[0].mlp),
+                                    ("layer 1", model.model.layers[1]), ("norm", model.model.norm)]]
+    with torch.no_grad():
+        early = forward_kv(model, ids, mask, [0], key_space)
+    assert ran == []
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        full = forward_kv(model, ids, mask, range(len(model.model.layers)), key_space)
+    for got, want in zip(early[0], full[0]):
+        torch.testing.assert_close(got, want)
 
 
 def test_sliding_window_layers_keep_the_full_sequence(tiny_card, tmp_path):
