@@ -1,9 +1,11 @@
 """KV reader throughput against the bytes a training step consumes.
 
-Reader: each teacher's rows are precomputed here into a fresh store (bf16, all layers, shards
-of 16 examples), then read through kava.kvstore.KVStore example by example, materialising as
-float32 the teacher layers the student's ratio layer map uses, as training does. Bytes are the
-stored K/V bytes of those layers. The first pass includes each shard's sha256 verification
+Reader: each teacher's rows are precomputed here into a fresh store (`--dtype`, default bf16;
+the teacher layers the student's ratio layer map uses, as precompute.layers: mapped stores them;
+shards of 16 examples; pca's basis fitted on the same rows), then read through
+kava.kvstore.KVStore example by example, materialising those layers as float32, as training
+does. Bytes are the K/V bytes the reader hands out (the stored bytes, for fp8 and pca the
+dequantised float32 ones). The first pass includes each shard's sha256 verification
 (once per process) and is the one the ratio uses; the second pass is reported as steady state.
 The shards were just written, so they are in the page cache: a cold disk reads slower.
 
@@ -14,6 +16,7 @@ conservative. Bytes a step consumes: the stored K/V bytes of the same examples, 
 mapped layers. Goal: reader bytes/s >= 10x what a step consumes.
 
     python -m bench.loader [--tiny | --card CARD ... --student-card CARD] [--examples 32]
+                           [--dtype bf16|fp8|pca]
 """
 
 import tempfile
@@ -53,19 +56,20 @@ def main():
     cli.add_argument("--micro-batch", type=int, default=8)
     cli.add_argument("--max-length", type=int, default=256)
     cli.add_argument("--repeats", type=int, default=2)
+    cli.add_argument("--dtype", default="bf16", choices=("bf16", "fp8", "pca"))
     args = cli.parse_args()
     rows, source = bench_rows(args.examples)
     figures = {"bench": "loader", "machine": machine(args.threads), "data": source,
-               "examples": len(rows), "teachers": {}}
+               "examples": len(rows), "dtype": args.dtype, "teachers": {}}
     with tempfile.TemporaryDirectory(prefix="kava-bench-") as workdir:
         student = read_json(args.student_card) if args.student_card else student_card(args, workdir)
         read_s = steady_s = read_bytes = step_bytes = 0
         for name, card in teacher_cards(args, workdir).items():
+            layers = sorted(set(ratio_layer_map(student["num_layers"], card["num_layers"])))
             manifest = precompute_split(
                 card, rows, f"{workdir}/{name}", examples_per_shard=16, compute="auto",
-                key_space="pre_rope", dtype="bf16", max_length=args.max_length,
-                on_too_long="truncate", batch_tokens=2048)
-            layers = sorted(set(ratio_layer_map(student["num_layers"], card["num_layers"])))
+                layers=layers, key_space="pre_rope", dtype=args.dtype,
+                max_length=args.max_length, on_too_long="truncate", batch_tokens=2048)
             first_s, nbytes = timed(lambda: read_pass(KVStore(manifest), layers))
             second_s, _ = timed(lambda: read_pass(KVStore(manifest), layers))
             store = KVStore(manifest)

@@ -14,36 +14,47 @@ all-layer store. Per teacher and format:
 - `<format>_cosine_error`: 1 - cosine between each dequantised K or V vector (one token, one
   head) and the fp32 one, averaged; `<format>_r2`: 1 - squared error / squared deviation of the
   fp32 K/V from its per-channel mean, over the format's layers, K and V;
-- quality arm (`--train-steps`, 0 skips it): the default student trains that many steps
-  (kava.train's own setup and train_step, seed 0, kv arm on this teacher alone) on the format's
-  train-row store, then its held-out KV probe R² (kava.kvfit, the report's figure) is scored
-  against the bf16 all-layer stores: `<format>_heldout_r2` and `<format>_heldout_r2_delta`
-  (format - bf16_all; goal: > -0.005). Every run starts from the same student, rows and seed, so
-  they differ only in the teacher KV they were trained on.
+- quality arm (`--train-steps`, 0 skips it): the default study's kv arm on this teacher alone
+  (kava.train's own setup and train_step; the default config's regime: the first
+  `--quality-examples` train rows, `--train-steps` steps of 4, lr 3e-4) trains once per seed
+  on each format's train-row store. The stores differ, nothing else: same student, rows, seed
+  and data order. Per format, against the bf16 arm of the same seed:
+  `<format>_nll_delta`: held-out answer NLL (fp32, nats/token, kava.evaluate.answer_nll on the
+  test rows), format − bf16, mean with a two-level (seeds, then examples) bootstrap CI
+  (`_ci`), beside the bf16 arm's own NLL and CI (`bf16_heldout_nll[_ci]`); goal: the format's
+  NLL lies within the bf16 arm's CI (the paired CI of the difference is the stricter test);
+  `<format>_heldout_r2_delta`: held-out KV probe R² (kava.kvfit, the report's figure) scored
+  against the bf16 all-layer stores, format − bf16, mean over seeds; goal: > -0.005.
+  Training reads only the mapped layers, so `all` and `mapped` of a dtype train alike.
 Extrapolations: GSM8K train (7473 rows x this teacher's measured tokens per example) in GB per
 format, and a Qwen2.5-1.5B-class teacher (28 layers, 2 KV heads x 128, from its config.json)
 under the default student's mapped layers, with fp8's and pca's measured bytes per value.
 
-    python -m bench.storage [--tiny | --card CARD ... --student-card CARD] [--examples 16]
-                            [--train-examples 16] [--train-steps 6]
+    python -m bench.storage [--tiny | --card CARD ... --student-card CARD] [--examples 48]
+                            [--train-examples 64] [--quality-examples 16] [--train-steps 30]
+                            [--seeds 3] [--pca-variance 0.99]
 """
 
 import math
 import tempfile
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from bench.common import PROJECT, emit, machine, parser, student_card, teacher_cards
 from bench.train_step import default_train_config
 from kava.align import ratio_layer_map
+from kava.config import schema_defaults
 from kava.data import prepare
 from kava.dims import detect_dims
+from kava.evaluate import answer_nll, at_word_boundary
 from kava.io import read_json
 from kava.kvfit import kv_probe_r2
 from kava.kvstore import KVStore
 from kava.models import load_model, load_tokenizer
 from kava.precompute import precompute_split, select_layers
+from kava.stats import two_level_bootstrap
 from kava.train import setup_data, setup_model, setup_optimizer, setup_scheduler, step_batches, \
     train_step
 
@@ -93,34 +104,62 @@ def reconstruction(got, exact, layers):
 
 
 def quality_arm(card, student, student_dims, teacher_dims, train_rows, test_rows, train_store,
-                reference, steps):
-    """Held-out KV probe R² of the student after `steps` kv-arm steps on `train_store`, scored
-    against the `reference` {"train", "test"} stores (bf16, all layers)."""
-    torch.manual_seed(0)
+                reference, steps, seed):
+    """(held-out answer NLL per test row, held-out KV probe R²) of the student after `steps`
+    kv-arm steps on `train_store` with `seed`; the probe is scored against the `reference`
+    {"train", "test"} stores (bf16, all layers)."""
+    torch.manual_seed(seed)
     cfg = {**default_train_config(), "effective_batch": 4, "micro_batch": 4, "steps": steps,
            "lr": 3e-4, "teachers": [card["name"]]}
     teachers = [{"card": card, "dims": teacher_dims, "manifest": str(train_store)}]
-    data = setup_data(cfg, 0, student, student_dims, teachers, train_rows, MAX_LENGTH)
+    data = setup_data(cfg, seed, student, student_dims, teachers, train_rows, MAX_LENGTH)
     distiller = setup_model(cfg, data, student, student_dims, teachers, torch.device("cpu"))
     optimizer = setup_optimizer(cfg, distiller)
     scheduler = setup_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(1, steps + 1):
-        batches, ce_items, kv_items = step_batches(data, cfg, 0, step, 0, 1, 4)
+        batches, ce_items, kv_items = step_batches(data, cfg, seed, step, 0, 1, 4)
         train_step(distiller, distiller, batches, ce_items, kv_items, optimizer, scheduler,
                    scaler, torch.autocast("cpu", enabled=False))
     model = distiller.student.eval()
+    prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in test_rows))
+    with torch.inference_mode():
+        nlls = answer_nll(model, data.tokenizer, prompts, answers, 8)
     probe = kv_probe_r2(model, data.tokenizer, {card["name"]: reference["train"]},
                         {card["name"]: reference["test"]}, data.layer_maps, train_rows, test_rows,
                         MAX_LENGTH, 8, cfg["projector_ridge"], data.key_space, data.alignment)
-    return probe["overall"]
+    return nlls, probe["overall"]
 
 
-def measure_teacher(name, card, student, student_dims, train_rows, test_rows, workdir, steps):
+def quality(card, student, student_dims, teacher_dims, train_rows, test_rows, stores, reference,
+            steps, seeds):
+    """The quality arm's figures (see the module docstring) of every format in `stores`
+    ({dtype: train manifest}, bf16 first) against bf16."""
+    nlls, r2 = {}, {}
+    for dtype, store in stores.items():
+        runs = [quality_arm(card, student, student_dims, teacher_dims, train_rows, test_rows,
+                            store, reference, steps, seed) for seed in range(seeds)]
+        nlls[dtype] = np.array([run[0] for run in runs])
+        r2[dtype] = np.array([run[1] for run in runs])
+    bf16 = two_level_bootstrap(nlls["bf16"])
+    out = {"bf16_heldout_nll": round(bf16["mean"], 4),
+           "bf16_heldout_nll_ci": [round(bound, 4) for bound in bf16["ci"]],
+           "bf16_heldout_r2": round(float(r2["bf16"].mean()), 4)}
+    for dtype in [d for d in stores if d != "bf16"]:
+        delta = two_level_bootstrap(nlls[dtype] - nlls["bf16"])
+        out[f"{dtype}_nll_delta"] = round(delta["mean"], 5)
+        out[f"{dtype}_nll_delta_ci"] = [round(bound, 5) for bound in delta["ci"]]
+        out[f"{dtype}_heldout_r2_delta"] = round(float((r2[dtype] - r2["bf16"]).mean()), 5)
+    return out
+
+
+def measure_teacher(name, card, student, student_dims, train_rows, test_rows, workdir, variance,
+                    quality_examples, steps, seeds):
     folder = f"{workdir}/{name}"
     test = {dtype: KVStore(precompute_split(card, test_rows, f"{folder}/test-{dtype}",
                                             examples_per_shard=len(test_rows), dtype=dtype,
-                                            split="test", basis_rows=train_rows, **OPTIONS))
+                                            split="test", basis_rows=train_rows, variance=variance,
+                                            **OPTIONS))
             for dtype in DTYPES}
     tokens = test["fp32"].manifest["tokens"]
     n_heads, head_dim = test["fp32"].kv_shape
@@ -157,17 +196,14 @@ def measure_teacher(name, card, student, student_dims, train_rows, test_rows, wo
     if steps:
         teacher_dims = {"num_layers": card["num_layers"], "num_kv_heads": n_heads,
                         "head_dim": head_dim}
-        train = {dtype: precompute_split(card, train_rows, f"{folder}/train-{dtype}",
-                                         examples_per_shard=len(train_rows), dtype=dtype,
-                                         basis_rows=train_rows, **OPTIONS)
-                 for dtype in ("bf16", "fp8", "pca")}
-        reference = {"train": KVStore(train["bf16"]), "test": test["bf16"]}
-        for dtype in ("bf16", "fp8", "pca"):
-            entry[f"{dtype}_heldout_r2"] = quality_arm(
-                card, student, student_dims, teacher_dims, train_rows, test_rows, train[dtype],
-                reference, steps)
-        for dtype in ("fp8", "pca"):
-            entry[f"{dtype}_heldout_r2_delta"] = entry[f"{dtype}_heldout_r2"] - entry["bf16_heldout_r2"]
+        quality_rows = train_rows[:quality_examples]
+        stores = {dtype: precompute_split(card, quality_rows, f"{folder}/train-{dtype}",
+                                          examples_per_shard=len(quality_rows), dtype=dtype,
+                                          basis_rows=train_rows, variance=variance, **OPTIONS)
+                  for dtype in ("bf16", "fp8", "pca")}
+        reference = {"train": KVStore(stores["bf16"]), "test": test["bf16"]}
+        entry.update(quality(card, student, student_dims, teacher_dims, quality_rows, test_rows,
+                             stores, reference, steps, seeds))
     return entry
 
 
@@ -196,31 +232,38 @@ def extrapolate_1_5b(teachers, student_layers):
 
 def main():
     cli = parser(__doc__)
-    cli.set_defaults(examples=16)
+    precompute = schema_defaults("precompute")
+    cli.set_defaults(examples=48)
     cli.add_argument("--student-card", help="the student's card (default: the default run's)")
-    cli.add_argument("--train-examples", type=int, default=16,
-                     help="train rows: the pca basis sample and the quality arm's training data")
-    cli.add_argument("--train-steps", type=int, default=6, help="quality arm steps (0: none)")
+    cli.add_argument("--train-examples", type=int, default=precompute["basis_examples"],
+                     help="train rows the pca basis is fitted on (default: precompute.basis_examples)")
+    cli.add_argument("--pca-variance", type=float, default=precompute["pca_variance"],
+                     help="variance the pca basis keeps (default: precompute.pca_variance)")
+    cli.add_argument("--quality-examples", type=int, default=16,
+                     help="the first this many train rows are the quality arm's training data")
+    cli.add_argument("--train-steps", type=int, default=30, help="quality arm steps (0: none)")
+    cli.add_argument("--seeds", type=int, default=3, help="quality arm seeds")
     args = cli.parse_args()
     train_rows, test_rows, source = bench_splits(args.train_examples, args.examples)
     figures = {"bench": "storage", "machine": machine(args.threads), "data": source,
                "examples": len(test_rows), "train_examples": len(train_rows),
-               "train_steps": args.train_steps, "teachers": {}}
+               "pca_variance": args.pca_variance, "quality_examples": args.quality_examples,
+               "train_steps": args.train_steps, "seeds": args.seeds, "teachers": {}}
     with tempfile.TemporaryDirectory(prefix="kava-bench-") as workdir:
         student = read_json(args.student_card) if args.student_card else student_card(args, workdir)
         student_dims = detect_dims(load_model(student), load_tokenizer(student["dir"]),
                                    student["name"])
         for name, card in teacher_cards(args, workdir).items():
-            figures["teachers"][name] = measure_teacher(name, card, student, student_dims,
-                                                        train_rows, test_rows, workdir,
-                                                        args.train_steps)
+            figures["teachers"][name] = measure_teacher(
+                name, card, student, student_dims, train_rows, test_rows, workdir,
+                args.pca_variance, args.quality_examples, args.train_steps, args.seeds)
     teachers = figures["teachers"]
     figures["qwen2.5_1.5b_class"] = extrapolate_1_5b(teachers, student_dims["num_layers"])
     # Worst teacher per figure: bytes and errors high, quality low.
     keys = {key for entry in teachers.values() for key in entry}
     for key in sorted(keys):
         values = [entry[key] for entry in teachers.values() if key in entry]
-        if key.endswith(("_ratio", "_cosine_error")):
+        if key.endswith(("_ratio", "_cosine_error", "_nll_delta")):
             figures[key] = max(values)
         elif key.endswith(("_r2", "_r2_delta")) and all(math.isfinite(v) for v in values):
             figures[key] = min(values)
