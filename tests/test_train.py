@@ -558,8 +558,10 @@ def test_student_layer_mapped_beyond_the_teacher_is_refused(world, tmp_path):
 
 
 def test_projectors_round_trip_with_their_shapes(tmp_path):
-    projectors = {"a": KVProjector([0, 2, 5], (2, 256), (3, 64)),
-                  "b.x": KVProjector([1, 1, 3], (1, 32), (3, 64), kind="mlp", hidden=8)}
+    projectors = {"a": KVProjector([0, 2, 5], (2, 256), (3, 64), kind="linear", hidden=512,
+                                   direction="teacher_to_student"),
+                  "b.x": KVProjector([1, 1, 3], (1, 32), (3, 64), kind="mlp", hidden=8,
+                                     direction="teacher_to_student")}
     save_projectors(projectors, tmp_path / "p.safetensors")
     loaded = load_projectors(tmp_path / "p.safetensors")
     assert list(loaded) == ["a", "b.x"] and loaded["b.x"].kind == "mlp"
