@@ -46,8 +46,8 @@ from kava.train import (mixed_precision, setup_data, setup_model, setup_optimize
 
 def default_train_config():
     """The schema's train defaults, as one kv arm sees them."""
-    return arm_configs({"train": {**schema_defaults("train"),
-                                  "arms": {"kv": {"kv_weight": 1.0}}}})["kv"]
+    return arm_configs({"train": schema_defaults("train"),
+                        "arms": {"kv": {"kv_weight": 1.0}}})["kv"]
 
 
 def student_card(args, workdir):

@@ -61,20 +61,24 @@ def used_models(config):
     return needed
 
 
-# Keys of the train section that are about the whole run, not one arm's training.
-RUN_WIDE_TRAIN_KEYS = ("arms", "seeds", "cka_examples")
-
-
 def arm_configs(config):
-    """{arm: its train config}: the train section without the run-wide keys, with the arm's
-    overrides on top."""
-    train = config["train"]
-    base = {key: value for key, value in train.items() if key not in RUN_WIDE_TRAIN_KEYS}
+    """{arm: its train config}: the train section with the arm's overrides on top. An arm sets
+    keys of the train section only."""
+    train_keys = load_schema()["properties"]["train"]["properties"]
     arms = {}
-    for arm, overrides in train["arms"].items():
-        run_wide = [key for key in overrides if key in RUN_WIDE_TRAIN_KEYS]
-        if run_wide:
-            raise KavaError(f"config: train.arms.{arm}.{run_wide[0]} cannot be set per arm "
-                            f"(set train.{run_wide[0]})")
-        arms[arm] = {**base, **overrides}
+    for arm, overrides in config["arms"].items():
+        unknown = [key for key in overrides if key not in train_keys]
+        if unknown:
+            raise KavaError(f"config arms.{arm}: '{unknown[0]}' was unexpected: an arm sets keys "
+                            f"of the train section only{_home(unknown[0])}")
+        arms[arm] = {**config["train"], **overrides}
     return arms
+
+
+def _home(key):
+    """Where the config key `key` lives, if it is one outside the train section, as a hint."""
+    sections = load_schema()["properties"]
+    homes = [key] if key in sections else []
+    homes += [f"{name}.{key}" for name, spec in sections.items()
+              if key in spec.get("properties", {})]
+    return f" (set {' or '.join(homes)} for the whole run)" if homes else ""

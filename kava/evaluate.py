@@ -87,7 +87,7 @@ class AnswerLineStop(StoppingCriteria):
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop=()):
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop):
     """Greedy continuations of `prompts` (text only, special tokens skipped), in prompt order.
 
     Batches are left-padded so every row's next token sits in the last column; the tokenizer is

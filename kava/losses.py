@@ -88,7 +88,7 @@ class TeacherWeights(nn.Module):
     total = ce_weight·CE + kv_weight·teacher_weights(kv_losses) [− λ·teacher_weights.entropy()]
     """
 
-    def __init__(self, n_layers, n_teachers, mode="fixed", weights=None):
+    def __init__(self, n_layers, n_teachers, mode, weights):
         super().__init__()
         if mode not in TEACHER_WEIGHTINGS:
             raise KavaError(f"unknown teacher weighting {mode!r}; choose one of "

@@ -116,8 +116,7 @@ class KVProjector(nn.Module):
         `hidden` units). layer_map[s] is the teacher layer student layer s is compared with.
     Shapes are (num_key_value_heads, head_dim)."""
 
-    def __init__(self, layer_map, teacher_shape, student_shape, kind="linear", hidden=512,
-                 direction="teacher_to_student"):
+    def __init__(self, layer_map, teacher_shape, student_shape, kind, hidden, direction):
         super().__init__()
         if kind not in KINDS:
             raise KavaError(f"unknown projector kind {kind!r}; choose one of {', '.join(KINDS)}")

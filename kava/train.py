@@ -54,9 +54,6 @@ from kava.models import load_tokenizer
 from kava.projector import save_projectors
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-# Keys of a train config that do not change what is computed: a checkpoint made under other
-# values of these is still this run's.
-NON_IDENTITY_KEYS = ("checkpoint_every", "gpus", "max_tokens_without_target")
 
 
 class Interrupted(KavaError):
@@ -476,22 +473,24 @@ def train_step(model, distiller, batches, ce_items, kv_items, optimizer, schedul
 
 # ---- the run ------------------------------------------------------------------------------
 
-def train(cfg, *, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
+def train(cfg, *, job, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
           max_length, outputs, checkpoint_dir, cka_maps=None, log=print):
     """Train one arm × seed; rank 0 writes `outputs` (student dir, projector, metrics,
-    summary paths). teachers: [{"card", "dims", "manifest"}] in config order. Returns the
-    summary (train.json) on rank 0, None elsewhere."""
+    summary paths). cfg: the arm's train config, what is computed (and the checkpoints'
+    identity); job: the train_job section, how the job runs (checkpoint_every,
+    max_tokens_without_target). teachers: [{"card", "dims", "manifest"}] in config order.
+    Returns the summary (train.json) on rank 0, None elsewhere."""
     rank, world, device = init_distributed()
     try:
-        return _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
-                      max_length, outputs, Path(checkpoint_dir), cka_maps, log, rank, world,
+        return _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data_info,
+                      env, max_length, outputs, Path(checkpoint_dir), cka_maps, log, rank, world,
                       device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
+def _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
            max_length, outputs, checkpoint_dir, cka_maps, log, rank, world, device):
     started = time.perf_counter()
     precision = resolve_precision(cfg["precision"], env["precision"])
@@ -516,7 +515,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
 
     # Resume from the latest checkpoint of this very run, if any.
     identity = {
-        "config": fingerprint({k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}),
+        "config": fingerprint(cfg),
         "arm": arm, "seed": seed, "student": student_card["weights_sha256"],
         "data": data_info["splits"]["train"]["sha256"],
         "manifests": {name: manifest_identity(store.manifest)
@@ -561,7 +560,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
                 progress.set_postfix(loss=f"{result['loss']:.3f}", ce=f"{result['ce']:.3f}")
                 progress.update(1)
             # Checkpoint it (the last step needs none: the outputs come next), or stop.
-            if stopping or (step % cfg["checkpoint_every"] == 0 and step < cfg["steps"]):
+            if stopping or (step % job["checkpoint_every"] == 0 and step < cfg["steps"]):
                 if rank == 0:
                     save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler,
                                     scaler, identity, elapsed_before + now - t0, metrics_path)
@@ -575,7 +574,7 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
     summary = None
     if rank == 0:
         summary = {
-            "arm": arm, "seed": seed, "config": cfg,
+            "arm": arm, "seed": seed, "config": cfg, "job": job,
             "steps": cfg["steps"], "resumed_from_step": resumed_at,
             "examples": len(data.students),
             "examples_without_answer_tokens": sum(1 for n in data.ce_valid if n == 0),
@@ -601,10 +600,10 @@ def _train(cfg, arm, seed, student_card, student_dims, teachers, rows, data_info
         for name, lost in data.kv_lost.items():
             # A tokenizer that normalises text (NFC) can leave student tokens uncovered: they
             # are masked, which is right, but many of them starve the KV loss unseen.
-            if lost > cfg["max_tokens_without_target"]:
+            if lost > job["max_tokens_without_target"]:
                 log(f"warning: teacher {name}: {lost:.1%} of the student's tokens have no teacher "
                     f"token covering them and get no KV target (above "
-                    f"train.max_tokens_without_target {cfg['max_tokens_without_target']:.1%})")
+                    f"train_job.max_tokens_without_target {job['max_tokens_without_target']:.1%})")
             elif lost:
                 log(f"teacher {name}: {lost:.1%} of the student's tokens have no teacher token "
                     f"covering them and get no KV target (masked)")

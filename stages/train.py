@@ -22,7 +22,7 @@ def main(args):
     teachers = [{"card": read_json(card), "dims": read_json(dims), "manifest": manifest}
                 for card, dims, manifest in zip(args.teacher_cards, args.teacher_dims,
                                                 args.manifests, strict=True)]
-    train(args.train, arm=args.arm, seed=args.seed,
+    train(args.train, job=args.job, arm=args.arm, seed=args.seed,
           student_card=read_json(args.student_card), student_dims=read_json(args.student_dims),
           teachers=teachers, rows=read_split(args.data, ("id", "prompt", "text")),
           data_info=read_json(args.data_info), env=read_json(args.env),
@@ -39,6 +39,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--train", type=json_arg, required=True,
                         help="the arm's train config (train keys with the arm's overrides), JSON")
+    parser.add_argument("--job", type=json_arg, required=True,
+                        help="the train_job section (how the job runs, not what it computes), JSON")
     parser.add_argument("--student-card", required=True)
     parser.add_argument("--student-dims", required=True)
     parser.add_argument("--teacher-cards", nargs="+", required=True)

@@ -130,7 +130,7 @@ def _greedy_alone(model, tokenizer, prompt, max_new_tokens):
 
 
 def test_batched_left_padded_generation_equals_unbatched(model, tokenizer):
-    batched = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    batched = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, stop=())
     alone = [_greedy_alone(model, tokenizer, p, 12) for p in PROMPTS]
     assert batched == alone
     assert sum(len(t) for t in batched) > 20  # real continuations, not trivially equal empties
@@ -138,7 +138,8 @@ def test_batched_left_padded_generation_equals_unbatched(model, tokenizer):
 
 
 def test_generation_split_smaller_than_batch(model, tokenizer):
-    texts = generate_answers(model, tokenizer, PROMPTS[:2], max_new_tokens=4, batch_size=16)
+    texts = generate_answers(model, tokenizer, PROMPTS[:2], max_new_tokens=4, batch_size=16,
+                             stop=())
     assert texts == [_greedy_alone(model, tokenizer, p, 4) for p in PROMPTS[:2]]
 
 
@@ -166,7 +167,7 @@ def test_generation_stops_after_answer_line(model, tokenizer):
     prompt = "Q: 6*7?\nA:"
     bigram, n = _bigram(model, tokenizer, prompt, "#### 42\nQuestion")
     assert _greedy_alone(bigram, tokenizer, prompt, n) == "#### 42\nQuestion"
-    assert generate_answers(bigram, tokenizer, [prompt], n, 1) == ["#### 42\n"]
+    assert generate_answers(bigram, tokenizer, [prompt], n, 1, stop=()) == ["#### 42\n"]
 
 
 def test_generation_stops_at_a_stop_string_and_cuts_it(model, tokenizer):
@@ -175,7 +176,7 @@ def test_generation_stops_at_a_stop_string_and_cuts_it(model, tokenizer):
     prompt = "Q: 6*7? ="
     bigram, n = _bigram(model, tokenizer, prompt, " 42\nQuestion: 5")
     assert _greedy_alone(bigram, tokenizer, prompt, n) == " 42\nQuestion: 5"
-    assert extract_answer(generate_answers(bigram, tokenizer, [prompt], n, 1)[0]) == "5"
+    assert extract_answer(generate_answers(bigram, tokenizer, [prompt], n, 1, stop=())[0]) == "5"
     stopped = generate_answers(bigram, tokenizer, [prompt, PROMPTS[0]], n, 2, stop=["\nQuestion:"])
     assert stopped[0] == " 42" and extract_answer(stopped[0]) == "42"
     assert stopped[1] == generate_answers(bigram, tokenizer, [PROMPTS[0]], n, 1,
@@ -229,7 +230,7 @@ def test_batching_is_exact_across_families(tiny_card, architecture):
     window (8 tokens here, shorter than most prompts)."""
     card = tiny_card(architecture)
     model, tokenizer = load_model(card), load_tokenizer(card["dir"])
-    assert generate_answers(model, tokenizer, PROMPTS, 8, 3) == [
+    assert generate_answers(model, tokenizer, PROMPTS, 8, 3, stop=()) == [
         _greedy_alone(model, tokenizer, p, 8) for p in PROMPTS]
     alone = [_nll_alone(model, tokenizer, p, a) for p, a in zip(PROMPTS, ANSWERS)]
     np.testing.assert_allclose(answer_nll(model, tokenizer, PROMPTS, ANSWERS, 3), alone,

@@ -168,7 +168,8 @@ def test_probe_layer_maps_cover_every_teacher_of_the_run():
 def test_heldout_kv_is_one_when_the_student_is_its_teacher(self_store, direction):
     card, splits = self_store
     n = card["num_layers"]
-    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity", direction=direction)
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity", hidden=512,
+                            direction=direction)
     result = heldout(card, card, splits, projector)
     assert set(result) == {"cosine", "r2"}
     for measure in ("cosine", "r2"):
@@ -184,7 +185,7 @@ def test_heldout_cosine_of_negated_keys_is_zero_and_the_probe_ignores_the_projec
     reads the student's own KV, not the projector's output, so its R² stays 1."""
     card, splits = self_store
     n = card["num_layers"]
-    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="linear",
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="linear", hidden=512,
                             direction="teacher_to_student")
     with torch.no_grad():
         for layer in range(n):
@@ -200,7 +201,8 @@ def test_heldout_probe_r2_of_another_student_is_below_one(self_store, tiny_card)
     card, splits = self_store
     other = tiny_card("llama", seed=1)
     n = card["num_layers"]
-    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity")
+    projector = KVProjector(list(range(n)), SHAPE, SHAPE, kind="identity", hidden=512,
+                            direction="teacher_to_student")
     r2 = heldout(other, card, splits, projector)["r2"]
     assert all(score < 0.99 for score in r2["per_layer"][card["name"]])
     shrunk = heldout(other, card, splits, projector, ridge=1e6)["r2"]
@@ -210,7 +212,8 @@ def test_heldout_probe_r2_of_another_student_is_below_one(self_store, tiny_card)
 def test_heldout_kv_refuses_a_store_of_other_weights(self_store):
     card, splits = self_store
     other = {**card, "weights_sha256": "0" * 64}
-    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="identity")
+    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="identity",
+                            hidden=512, direction="teacher_to_student")
     with pytest.raises(KavaError, match=f"manifest {splits['test'][1]}: weights_sha256 is"):
         heldout(card, other, splits, projector)
 
@@ -223,7 +226,7 @@ def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
     write_split(train_rows, tmp_path / "train.parquet")
     write_split(test_rows, tmp_path / "test.parquet")
     projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="identity",
-                            direction="student_to_teacher")
+                            hidden=512, direction="student_to_teacher")
     save_projectors({card["name"]: projector}, tmp_path / "projectors.safetensors")
     (tmp_path / "train.json").write_text(json.dumps(train_info(card)))
     (tmp_path / "card.json").write_text(json.dumps(card))

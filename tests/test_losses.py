@@ -137,10 +137,10 @@ def test_bad_kind_and_shapes_are_refused():
 # ---- teacher weights --------------------------------------------------------------------------
 
 def test_fixed_weights_are_normalised_and_constant():
-    uniform = TeacherWeights(4, 2)
+    uniform = TeacherWeights(4, 2, mode="fixed", weights=None)
     assert torch.equal(uniform.weights(), torch.full((4, 2), 0.5))
     assert list(uniform.parameters()) == []
-    given = TeacherWeights(4, 2, weights=[1.0, 3.0])
+    given = TeacherWeights(4, 2, mode="fixed", weights=[1.0, 3.0])
     torch.testing.assert_close(given.weights(), torch.tensor([[0.25, 0.75]]).expand(4, 2))
     losses = torch.tensor([[1.0, 2.0]]).expand(4, 2)
     assert given(losses).item() == pytest.approx(1.75)
@@ -162,7 +162,8 @@ def test_learned_weights_sum_to_one_per_layer_while_training():
 
 
 def test_entropy_is_largest_for_uniform_weights_and_pulls_towards_them():
-    assert TeacherWeights(3, 4, mode="learned").entropy().item() == pytest.approx(math.log(4))
+    assert TeacherWeights(3, 4, mode="learned", weights=None).entropy().item() \
+        == pytest.approx(math.log(4))
     skewed = TeacherWeights(3, 2, mode="learned", weights=[9.0, 1.0])
     assert skewed.entropy().item() < math.log(2)
     (-skewed.entropy()).backward()  # maximising entropy
@@ -171,10 +172,10 @@ def test_entropy_is_largest_for_uniform_weights_and_pulls_towards_them():
 
 def test_bad_teacher_weights_are_refused():
     with pytest.raises(KavaError, match="must be 2 positive numbers"):
-        TeacherWeights(4, 2, weights=[1.0, 0.0])
+        TeacherWeights(4, 2, mode="fixed", weights=[1.0, 0.0])
     with pytest.raises(KavaError, match="must be 3 positive numbers"):
-        TeacherWeights(4, 3, weights=[1.0, 1.0])
+        TeacherWeights(4, 3, mode="fixed", weights=[1.0, 1.0])
     with pytest.raises(KavaError, match="unknown teacher weighting 'greedy'"):
-        TeacherWeights(4, 2, mode="greedy")
+        TeacherWeights(4, 2, mode="greedy", weights=None)
     with pytest.raises(KavaError, match=r"expected \[n_layers, n_teachers\] = \[4, 2\]"):
-        TeacherWeights(4, 2)(torch.ones(2, 4))
+        TeacherWeights(4, 2, mode="fixed", weights=None)(torch.ones(2, 4))

@@ -38,7 +38,7 @@ def test_group_average_init():
 
 @pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])
 def test_identity_projector_is_the_exact_identity(direction):
-    projector = KVProjector([0, 2, 3], SMOLLM2_135M, SMOLLM2_135M, kind="identity",
+    projector = KVProjector([0, 2, 3], SMOLLM2_135M, SMOLLM2_135M, kind="identity", hidden=512,
                             direction=direction)
     assert list(projector.parameters()) == []  # nothing to train, nothing to co-adapt
     kv = _kv(3, SMOLLM2_135M)
@@ -57,22 +57,26 @@ def test_identity_projector_refuses_unequal_shapes():
     with pytest.raises(KavaError, match=r"an identity projector needs equal KV shapes, got teacher "
                                         r"\(1, 256\) and student \(3, 64\) \(heads, head_dim\); "
                                         r"use projector ridge, linear or mlp"):
-        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, kind="identity")
+        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, kind="identity", hidden=512,
+                    direction="teacher_to_student")
     with pytest.raises(KavaError, match=r"got teacher \(3, 64\) and student \(3, 32\)"):
-        KVProjector([0], SMOLLM2_135M, (3, 32), kind="identity", direction="student_to_teacher")
+        KVProjector([0], SMOLLM2_135M, (3, 32), kind="identity", hidden=512,
+                    direction="student_to_teacher")
 
 
 # ---- linear and mlp ----------------------------------------------------------------------------
 
 def test_linear_with_equal_shapes_starts_as_the_exact_identity():
-    projector = KVProjector([0, 2, 3], SMOLLM2_135M, SMOLLM2_135M, kind="linear")
+    projector = KVProjector([0, 2, 3], SMOLLM2_135M, SMOLLM2_135M, kind="linear", hidden=512,
+                            direction="teacher_to_student")
     kv = _kv(3, SMOLLM2_135M)
     for (k, v), (k_in, v_in) in zip(projector(kv), kv):
         assert torch.equal(k, k_in) and torch.equal(v, v_in)
 
 
 def test_six_heads_to_three_is_an_exact_group_average():
-    projector = KVProjector([0], (6, 64), (3, 64), kind="linear")
+    projector = KVProjector([0], (6, 64), (3, 64), kind="linear", hidden=512,
+                            direction="teacher_to_student")
     x = torch.randn(2, 5, 6, 64)
     ((k, _),) = projector([(x, x)])
     torch.testing.assert_close(k, x.unflatten(-2, (3, 2)).mean(dim=-2), rtol=0, atol=1e-6)
@@ -81,7 +85,7 @@ def test_six_heads_to_three_is_an_exact_group_average():
 @pytest.mark.parametrize("teacher_shape", [GEMMA3_270M, (2, 256)])
 def test_gemma3_to_smollm2_shapes_and_norms(teacher_shape):
     layer_map = ratio_layer_map(15, 18)
-    projector = KVProjector(layer_map, teacher_shape, SMOLLM2_135M, kind="linear",
+    projector = KVProjector(layer_map, teacher_shape, SMOLLM2_135M, kind="linear", hidden=512,
                             direction="teacher_to_student")
     out = projector(_kv(15, teacher_shape, batch=(4, 16), dtype=torch.bfloat16))
     assert len(out) == 15
@@ -110,17 +114,19 @@ def test_student_to_teacher_maps_student_shape_to_teacher_shape(kind):
 
 
 def test_projector_rejects_wrong_shapes_layer_counts_kinds_and_directions():
-    projector = KVProjector([0, 4], GEMMA3_270M, SMOLLM2_135M, direction="teacher_to_student")
+    projector = KVProjector([0, 4], GEMMA3_270M, SMOLLM2_135M, kind="linear", hidden=512,
+                            direction="teacher_to_student")
     with pytest.raises(KavaError, match="projector: got KV of 1 layers, it maps 2"):
         projector(_kv(1, GEMMA3_270M))
     with pytest.raises(KavaError, match=r"teacher K for student layer 0 has \(heads, head_dim\) "
                                         r"\(4, 256\), expected \(1, 256\)"):
         projector(_kv(2, (4, 256)))
     with pytest.raises(KavaError, match="unknown projector kind 'conv'"):
-        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, kind="conv")
+        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, kind="conv", hidden=512,
+                    direction="teacher_to_student")
     with pytest.raises(KavaError, match="unknown projector direction 'sideways'; choose one of "
                                         "student_to_teacher, teacher_to_student"):
-        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, direction="sideways")
+        KVProjector([0], GEMMA3_270M, SMOLLM2_135M, kind="linear", hidden=512, direction="sideways")
 
 
 def test_mlp_projector_shapes_and_gradients():
@@ -180,7 +186,7 @@ def test_ridge_solution_matches_the_closed_form():
 @pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])
 def test_set_ridge_then_forward_reproduces_the_fit(direction):
     teacher_shape, student_shape = (1, 6), (2, 4)
-    projector = KVProjector([0, 1], teacher_shape, student_shape, kind="ridge",
+    projector = KVProjector([0, 1], teacher_shape, student_shape, kind="ridge", hidden=512,
                             direction=direction)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, *projector.in_shape, generator=g)
@@ -212,7 +218,7 @@ def test_save_load_projectors_round_trip(tmp_path, kind, direction):
     saved = {
         "llama": KVProjector([0, 2], SMOLLM2_135M if same else (2, 16), SMOLLM2_135M, kind=kind,
                              hidden=32, direction=direction),
-        "gemma": KVProjector([1, 1], SMOLLM2_135M, SMOLLM2_135M, kind="linear",
+        "gemma": KVProjector([1, 1], SMOLLM2_135M, SMOLLM2_135M, kind="linear", hidden=512,
                              direction="teacher_to_student"),
     }
     with torch.no_grad():
@@ -243,7 +249,8 @@ def test_saved_projectors_are_the_same_bytes_in_every_process(tmp_path):
         "import sys, torch\n"
         "from kava.projector import KVProjector, save_projectors\n"
         "torch.manual_seed(0)\n"
-        "save_projectors({t: KVProjector([0, 1], (2, 16), (3, 16), kind='mlp', hidden=8)\n"
+        "save_projectors({t: KVProjector([0, 1], (2, 16), (3, 16), kind='mlp', hidden=8,\n"
+        "                                      direction='teacher_to_student')\n"
         "                 for t in ('llama', 'gemma', 'qwen')}, sys.argv[1])\n")
     files = [tmp_path / f"{i}.safetensors" for i in range(3)]
     for path in files:
@@ -263,7 +270,8 @@ def test_load_projectors_refuses_other_files(tmp_path):
                                         r"kava-projector-1, expected kava-projectors-2\)"):
         load_projectors(other)
     path = tmp_path / "projectors.safetensors"
-    save_projectors({"llama": KVProjector([0], (2, 16), SMOLLM2_135M, kind="ridge")}, path)
+    save_projectors({"llama": KVProjector([0], (2, 16), SMOLLM2_135M, kind="ridge", hidden=512,
+                                          direction="teacher_to_student")}, path)
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("map.bias")}

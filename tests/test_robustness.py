@@ -27,8 +27,8 @@ def odd_paths_run(tmp_path_factory):
 
     def variants(config):
         config["precompute"] = {**config["precompute"], "layers": "mapped"}
-        config["train"] = {**config["train"], "steps": 4,
-                           "arms": {"ce": {"kv_weight": 0}, "kv": {"layer_map": "cka"}}}
+        config["train"] = {**config["train"], "steps": 4}
+        config["arms"] = {"ce": {"kv_weight": 0}, "kv": {"layer_map": "cka"}}
 
     root.mkdir(parents=True)
     configfile = write_config(root, variants)
@@ -76,7 +76,8 @@ PROFILES = {
 def dry_run(tmp_path, profile, *extra, **config_changes):
     def change(config):
         config["threads"] = 2
-        config["train"].update(gpus=2, checkpoint_every=3, **config_changes)
+        config["train_job"] = {"gpus": 2, "checkpoint_every": 3}
+        config["train"].update(**config_changes)
 
     args, env = PROFILES[profile]
     return snakemake("-n", "--profile", f"profiles/{profile}", "--configfile",
@@ -105,14 +106,14 @@ def test_planned_jobs_carry_the_configured_threads_gpus_and_checkpoints(tmp_path
     (["--set-threads", "prepare=4"], "kava: error: --set-threads prepare=… (profile or command "
      "line) overrides the config key threads; remove it and set threads"),
     (["--set-resources", "train:gpu=1"], "kava: error: --set-resources train:gpu (profile or "
-     "command line) overrides the config key train.gpus; remove it and set train.gpus"),
+     "command line) overrides the config key train_job.gpus; remove it and set train_job.gpus"),
     (["--set-resources", "train:cpus_per_task=4"], "kava: error: --set-resources "
      "train:cpus_per_task (profile or command line) overrides the config key threads (SLURM gets "
      "cpus-per-task = threads); remove it and set threads"),
     (["--default-resources", "cpus_per_task=4"], "kava: error: --default-resources cpus_per_task "
      "(profile or command line) overrides the config key threads (SLURM gets cpus-per-task = "
      "threads); remove it and set threads"),
-    (["--resources", "gpu=1"], "kava: error: the config key train.gpus (2) exceeds the gpu "
+    (["--resources", "gpu=1"], "kava: error: the config key train_job.gpus (2) exceeds the gpu "
      "resource 1 (profile or --resources), which would cut it; raise it with --resources gpu=2"),
 ])
 def test_an_override_of_the_config_is_refused_in_one_line(tmp_path, extra, message):
@@ -141,7 +142,8 @@ def test_killed_run_recovers_as_the_readme_says(tmp_path):
     steps (--unlock, the same command) give the result of an uninterrupted run, bit for bit."""
     def longer(config):
         # Enough steps, checkpointed often, that the kill lands inside a train job.
-        config["train"].update(steps=12, checkpoint_every=2)
+        config["train"].update(steps=12)
+        config["train_job"] = {"checkpoint_every": 2}
 
     configfile = write_config(tmp_path, longer)
     command = ["--profile", "profiles/local", "--configfile", str(configfile)]
@@ -187,7 +189,7 @@ def test_cka_maps_use_the_time_alignment_of_the_arms_that_read_them(tmp_path):
     def arms(alignments):
         def change(config):
             config["train"]["time_alignment"] = "auto"
-            config["train"]["arms"] = {"ce": {"kv_weight": 0}, **{
+            config["arms"] = {"ce": {"kv_weight": 0}, **{
                 f"cka{index}": {"layer_map": "cka", "time_alignment": alignment}
                 for index, alignment in enumerate(alignments)}}
         return change

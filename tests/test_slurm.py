@@ -244,7 +244,8 @@ def test_time_limit_warning_reaches_the_stage(run, tmp_path):
     arriving while the job is still starting on a busy machine."""
     config = yaml.safe_load((PROJECT / "config" / "smoke.yaml").read_text())
     # No periodic checkpoint: the one found afterwards can only be the warning's.
-    config["train"].update(steps=1_000_000, checkpoint_every=1_000_000)
+    config["train"].update(steps=1_000_000)
+    config["train_job"] = {"checkpoint_every": 1_000_000}
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(config))
     train_dir = run["results"] / "train" / "kv" / "seed0"
     shutil.rmtree(train_dir, ignore_errors=True)

@@ -37,9 +37,14 @@ MAX_LENGTH = 256
 
 
 def train_config(**overrides):
-    """The schema's train defaults (without the run-wide keys) with `overrides`."""
-    config = {"train": {**schema_defaults("train"), **overrides, "arms": {"arm": {}}}}
+    """The schema's train defaults with `overrides`, as one arm sees them."""
+    config = {"train": {**schema_defaults("train"), **overrides}, "arms": {"arm": {}}}
     return arm_configs(config)["arm"]
+
+
+def job_config(**overrides):
+    """The schema's train_job defaults (how a train job runs) with `overrides`."""
+    return {**schema_defaults("train_job"), **overrides}
 
 
 def data_rows(n, seed=0, split="train"):
@@ -101,11 +106,12 @@ def world(tiny_card, tmp_path_factory):
             "env": {"precision": "fp32", "recommended": {"micro_batch": 2}}}
 
 
-def run(world, out, cfg, arm="kv", seed=0, teachers=None, **kwargs):
-    """Train in this process; returns the output paths."""
+def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, **kwargs):
+    """Train in this process (`job`: the train_job settings, default the schema's); returns the
+    output paths."""
     outputs = {"student": out / "student", "projector": out / "projector.safetensors",
                "metrics": out / "metrics.jsonl", "summary": out / "train.json"}
-    train(cfg, arm=arm, seed=seed, student_card=world["student"],
+    train(cfg, job=job or job_config(), arm=arm, seed=seed, student_card=world["student"],
           student_dims=world["student_dims"], teachers=teachers or world["teachers"],
           rows=world["rows"], data_info=world["data_info"], env=world["env"],
           max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt", log=lambda m: None,
@@ -264,9 +270,9 @@ def test_cka_layer_map_of_the_student_against_itself_is_the_identity(world, self
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
     """An uninterrupted kv run: the bit-identity reference for resume and signals."""
-    cfg = train_config(steps=12, effective_batch=4, micro_batch=2, checkpoint_every=4,
-                       lr=3e-3, projector_lr=1e-2, warmup_ratio=0.0)
-    out = run(world, tmp_path_factory.mktemp("reference"), cfg)
+    cfg = train_config(steps=12, effective_batch=4, micro_batch=2, lr=3e-3, projector_lr=1e-2,
+                       warmup_ratio=0.0)
+    out = run(world, tmp_path_factory.mktemp("reference"), cfg, job=job_config(checkpoint_every=4))
     return cfg, out
 
 
@@ -357,7 +363,7 @@ def test_kv_cosine_of_a_trained_student(world, reference):
 
 # ---- the stage: kill, signals, DDP --------------------------------------------------------------
 
-def stage_command(world, out, cfg, seed=0):
+def stage_command(world, out, cfg, seed=0, job=None):
     files = {}
     for key in ("student_card", "student_dims", "data_info", "env"):
         files[key] = world["root"] / f"{key}.json"
@@ -373,7 +379,8 @@ def stage_command(world, out, cfg, seed=0):
         teacher_files.append((card, dims, t["manifest"]))
     return [
         "-m", "stages.train", "--threads", "1", "--arm", "kv", "--seed", str(seed),
-        "--train", json.dumps(cfg), "--student-card", str(files["student_card"]),
+        "--train", json.dumps(cfg), "--job", json.dumps(job or job_config()),
+        "--student-card", str(files["student_card"]),
         "--student-dims", str(files["student_dims"]),
         "--teacher-cards", *[str(c) for c, _, _ in teacher_files],
         "--teacher-dims", *[str(d) for _, d, _ in teacher_files],
@@ -401,14 +408,19 @@ def wait_for(predicate, process, timeout=120):
 
 def long_config():
     # Enough steps that the run is still going when the test stops it.
-    return train_config(steps=60, effective_batch=4, micro_batch=2, checkpoint_every=4,
-                        lr=3e-3, projector_lr=1e-2, warmup_ratio=0.0)
+    return train_config(steps=60, effective_batch=4, micro_batch=2, lr=3e-3, projector_lr=1e-2,
+                        warmup_ratio=0.0)
+
+
+def long_job():
+    return job_config(checkpoint_every=4)
 
 
 @pytest.fixture(scope="module")
 def long_reference(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("long")
-    done = subprocess.run([sys.executable, *stage_command(world, out, long_config())],
+    done = subprocess.run([sys.executable,
+                           *stage_command(world, out, long_config(), job=long_job())],
                           cwd=PROJECT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
@@ -427,7 +439,7 @@ def assert_same_outputs(out, reference):
 
 
 def test_kill_mid_run_then_rerun_gives_identical_weights(world, long_reference, tmp_path):
-    args = stage_command(world, tmp_path, long_config())
+    args = stage_command(world, tmp_path, long_config(), job=long_job())
     process = start_stage(args)
     latest = tmp_path / "ckpt" / "latest"
     wait_for(lambda: latest.exists() and latest.read_text().strip() >= "step-00000008", process)
@@ -443,7 +455,7 @@ def test_kill_mid_run_then_rerun_gives_identical_weights(world, long_reference, 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_checkpoints_exits_nonzero_and_resumes(world, long_reference, tmp_path, sig):
-    args = stage_command(world, tmp_path, long_config())
+    args = stage_command(world, tmp_path, long_config(), job=long_job())
     process = start_stage(args)
     live = tmp_path / "ckpt" / "metrics.live.jsonl"
     wait_for(lambda: live.exists() and len(live.read_text().splitlines()) >= 5, process)
@@ -490,10 +502,10 @@ def test_ddp_two_gloo_processes_equal_one(world, tmp_path):
 
 def test_resume_against_changed_manifest_is_refused(world, tmp_path):
     # A NaN at step 2 (lr 1e30) leaves the checkpoint of step 1 behind, as a kill would.
-    cfg = train_config(steps=4, effective_batch=4, micro_batch=2, checkpoint_every=1, lr=1e30,
-                       warmup_ratio=0.0)
+    cfg = train_config(steps=4, effective_batch=4, micro_batch=2, lr=1e30, warmup_ratio=0.0)
+    job = job_config(checkpoint_every=1)
     with pytest.raises(KavaError, match="at step 2"):
-        run(world, tmp_path, cfg)
+        run(world, tmp_path, cfg, job=job)
     assert (tmp_path / "ckpt" / "latest").exists()
     # The teacher's KV was precomputed again, differently (fp32 instead of bf16).
     teacher = world["teachers"][0]
@@ -501,14 +513,13 @@ def test_resume_against_changed_manifest_is_refused(world, tmp_path):
                                                 max_length=MAX_LENGTH, dtype="fp32")}
     with pytest.raises(KavaError, match=rf"other KV shards of teacher {teacher['card']['name']} "
                                         r"\(its manifest changed since\); refusing to resume"):
-        run(world, tmp_path, cfg, teachers=[again, world["teachers"][1]])
+        run(world, tmp_path, cfg, teachers=[again, world["teachers"][1]], job=job)
 
 
 def test_nan_loss_stops_naming_step_and_arm_and_keeps_the_checkpoint(world, tmp_path):
-    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, checkpoint_every=1, lr=1e30,
-                       warmup_ratio=0.0)
+    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, lr=1e30, warmup_ratio=0.0)
     with pytest.raises(KavaError) as err:
-        run(world, tmp_path, cfg, arm="kv_big_lr")
+        run(world, tmp_path, cfg, arm="kv_big_lr", job=job_config(checkpoint_every=1))
     message = str(err.value)
     assert "arm kv_big_lr seed 0" in message and "at step 2" in message and "nan" in message
     assert "last good checkpoint (step 1)" in message and "\n" not in message
@@ -547,8 +558,10 @@ def test_student_layer_mapped_beyond_the_teacher_is_refused(world, tmp_path):
 
 
 def test_projectors_round_trip_with_their_shapes(tmp_path):
-    projectors = {"a": KVProjector([0, 2, 5], (2, 256), (3, 64)),
-                  "b.x": KVProjector([1, 1, 3], (1, 32), (3, 64), kind="mlp", hidden=8)}
+    projectors = {"a": KVProjector([0, 2, 5], (2, 256), (3, 64), kind="linear", hidden=512,
+                                   direction="teacher_to_student"),
+                  "b.x": KVProjector([1, 1, 3], (1, 32), (3, 64), kind="mlp", hidden=8,
+                                     direction="teacher_to_student")}
     save_projectors(projectors, tmp_path / "p.safetensors")
     loaded = load_projectors(tmp_path / "p.safetensors")
     assert list(loaded) == ["a", "b.x"] and loaded["b.x"].kind == "mlp"
@@ -558,13 +571,17 @@ def test_projectors_round_trip_with_their_shapes(tmp_path):
 
 
 def test_arm_overrides_and_run_wide_keys():
-    config = {"train": {"lr": 1e-4, "seeds": [0], "cka_examples": 16,
-                        "arms": {"ce": {"kv_weight": 0}, "kv": {}}}}
+    config = {"train": {"lr": 1e-4}, "seeds": [0], "cka_layer_map": {"examples": 16},
+              "arms": {"ce": {"kv_weight": 0}, "kv": {}}}
     arms = arm_configs(config)
     assert arms == {"ce": {"lr": 1e-4, "kv_weight": 0}, "kv": {"lr": 1e-4}}
-    config["train"]["arms"]["kv"] = {"seeds": [1]}
-    with pytest.raises(KavaError, match=r"train.arms.kv.seeds cannot be set per arm"):
-        arm_configs(config)
+    # A run-wide key, or one of how a job runs, is not an arm's: one line says where it lives.
+    for key, home in (("seeds", "seeds"), ("checkpoint_every", "train_job.checkpoint_every")):
+        config["arms"]["kv"] = {key: 1}
+        with pytest.raises(KavaError) as err:
+            arm_configs(config)
+        assert str(err.value) == (f"config arms.kv: '{key}' was unexpected: an arm sets keys of "
+                                  f"the train section only (set {home} for the whole run)")
 
 
 # ---- the rule ---------------------------------------------------------------------------------
@@ -584,21 +601,21 @@ def smoke_dry_run(tmp_path, mutate=None, *extra):
 
 def test_an_arm_with_an_unknown_key_is_named(tmp_path):
     def bad(config):
-        config["train"]["arms"] = {"ce": {"kv_weight": 0}, "kv": {"kv_wieght": 2}}
+        config["arms"] = {"ce": {"kv_weight": 0}, "kv": {"kv_wieght": 2}}
 
     result = smoke_dry_run(tmp_path, bad)
     assert result.returncode != 0
-    assert "config train.arms.kv" in result.stdout + result.stderr
+    assert "config arms.kv" in result.stdout + result.stderr
     assert "'kv_wieght' was unexpected" in result.stdout + result.stderr
 
 
 def test_a_job_given_two_gpus_runs_under_torchrun(tmp_path):
     def three_arms(config, gpus=1):
-        config["train"]["arms"] = {"ce": {"kv_weight": 0}, "kv": {}, "mse": {"kv_loss": "mse"}}
-        config["train"]["gpus"] = gpus
+        config["arms"] = {"ce": {"kv_weight": 0}, "kv": {}, "mse": {"kv_loss": "mse"}}
+        config["train_job"] = {"gpus": gpus}
 
     # A two-GPU machine: the local profile's one GPU raised to two, as its comment says, and
-    # train.gpus 2.
+    # train_job.gpus 2.
     result = smoke_dry_run(tmp_path, lambda config: three_arms(config, gpus=2),
                            "--resources", "gpu=2")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -716,7 +733,7 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
                                                                            tmp_path):
     """A teacher whose tokenizer composes a decomposed accent (NFC, as Qwen2's does) covers no
     student token of the combining mark: train.json gives the fraction of the student's tokens
-    left without a KV target, and the log warns once above train.max_tokens_without_target."""
+    left without a KV target, and the log warns once above train_job.max_tokens_without_target."""
     from tokenizers import normalizers
 
     rows = []
@@ -735,12 +752,12 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
         out, lines = tmp_path / f"run{limit}", []
         outputs = {"student": out / "student", "projector": out / "projector.safetensors",
                    "metrics": out / "metrics.jsonl", "summary": out / "train.json"}
-        summary = train(train_config(steps=1, effective_batch=4, micro_batch=2,
-                                     max_tokens_without_target=limit),
-                        arm="kv", seed=0, student_card=world["student"],
-                        student_dims=world["student_dims"], teachers=teachers, rows=rows,
-                        data_info=data_info, env=world["env"], max_length=MAX_LENGTH,
-                        outputs=outputs, checkpoint_dir=out / "ckpt", log=lines.append)
+        summary = train(train_config(steps=1, effective_batch=4, micro_batch=2),
+                        job=job_config(max_tokens_without_target=limit), arm="kv", seed=0,
+                        student_card=world["student"], student_dims=world["student_dims"],
+                        teachers=teachers, rows=rows, data_info=data_info, env=world["env"],
+                        max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
+                        log=lines.append)
         lost = {name: t["tokens_without_target"] for name, t in summary["teachers"].items()}
         # The combining mark is 1 of the student's tokens per row at most: a small fraction.
         assert 0 < lost[teacher["name"]] < 0.1
@@ -749,4 +766,4 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
         warned = [line for line in lines if line.startswith("warning: ")]
         assert warned == [f"warning: teacher {teacher['name']}: {lost[teacher['name']]:.1%} of "
                           f"the student's tokens have no teacher token covering them and get no "
-                          f"KV target (above train.max_tokens_without_target 0.0%)"][:warnings]
+                          f"KV target (above train_job.max_tokens_without_target 0.0%)"][:warnings]

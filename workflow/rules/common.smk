@@ -50,7 +50,7 @@ def slurm_requests():
 
 def refuse_overrides(settings):
     """A job's CPU threads come from the config key threads only, and a train job's GPUs from
-    train.gpus only: a profile's or the command line's --set-threads, --set-resources or
+    train_job.gpus only: a profile's or the command line's --set-threads, --set-resources or
     --default-resources would otherwise win over the config without a word."""
     for rule_name in settings.overwrite_threads:
         raise WorkflowError(f"kava: error: --set-threads {rule_name}=… (profile or command line) "
@@ -67,12 +67,12 @@ def refuse_overrides(settings):
                                 f"threads); remove it and set threads")
         if rule_name == "train" and name == "gpu":
             raise WorkflowError(f"kava: error: {where}gpu (profile or command line) overrides "
-                                f"the config key train.gpus; remove it and set train.gpus")
+                                f"the config key train_job.gpus; remove it and set train_job.gpus")
     # Snakemake cuts any resource down to its global limit (--resources) without a word.
     gpu_limit = getattr(settings._parsed_resources.get("gpu"), "value", None)
-    gpus = max(arm_config["gpus"] for arm_config in ARMS.values())
+    gpus = config["train_job"]["gpus"]
     if gpu_limit is not None and gpus > gpu_limit:
-        raise WorkflowError(f"kava: error: the config key train.gpus ({gpus}) exceeds the gpu "
+        raise WorkflowError(f"kava: error: the config key train_job.gpus ({gpus}) exceeds the gpu "
                             f"resource {gpu_limit} (profile or --resources), which would "
                             f"cut it; raise it with --resources gpu={gpus}")
 

@@ -9,7 +9,7 @@ rule cka_layer_map:
     output:
         maps=CKA_MAPS,
     params:
-        examples=config["train"]["cka_examples"],
+        examples=config["cka_layer_map"]["examples"],
         max_length=config["data"]["max_length"],
         time_alignment=cka_time_alignment(),
     log:
@@ -46,12 +46,13 @@ rule train:
         summary=f"{TRAIN}/train.json",
     params:
         train=lambda w: as_json(ARMS[w.arm]),
+        job=as_json(config["train_job"]),
         max_length=config["data"]["max_length"],
         checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
         launcher=train_launcher,
         cka=lambda w, input: path_arg("--cka-maps", input.cka),
     resources:
-        gpu=lambda w: ARMS[w.arm]["gpus"],
+        gpu=config["train_job"]["gpus"],
     log:
         log_path("train", "{arm}-seed{seed}"),
     benchmark:
@@ -61,7 +62,7 @@ rule train:
         "../../envs/kava.yaml"
     shell:
         "{params.launcher} stages.train --threads {threads} --arm {wildcards.arm} "
-        "--seed {wildcards.seed} --train {params.train:q} "
+        "--seed {wildcards.seed} --train {params.train:q} --job {params.job:q} "
         "--student-card {input.student_card:q} --student-dims {input.student_dims:q} "
         "--teacher-cards {input.teacher_cards:q} --teacher-dims {input.teacher_dims:q} "
         "--manifests {input.manifests:q} --data {input.data:q} --data-info {input.data_info:q} "
