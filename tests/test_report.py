@@ -18,7 +18,7 @@ from kava.evaluate import eval_record
 from kava.report import load_evals, load_facts, load_metrics
 from kava.report.load import read_benchmark
 from kava.report.plots import _curve_panels
-from kava.report.render import describe_difference
+from kava.report.render import describe_difference, p_text
 
 # The report section's settings as a run gets them (the schema's defaults), and a title.
 build_summary = functools.partial(report.build_summary, **schema_defaults("report"))
@@ -83,9 +83,11 @@ def _ab_rows(md):
 
 def _expected_row(arm, reference, entry):
     nll, acc, gap = entry["nll"], entry["accuracy"], entry["gap_recovered"]
+    boot = nll["bootstrap"]
     return [arm, reference, str(len(entry["seeds"])), str(entry["n_examples"]),
-            f"{nll['mean']:+.4f}", f"[{nll['ci'][0]:+.4f}, {nll['ci'][1]:+.4f}]",
-            f"{nll['p_value']:.3g}",
+            f"{nll['mean']:+.4f}", f"[{nll['ci'][0]:+.4f}, {nll['ci'][1]:+.4f}]", p_text(nll),
+            ", ".join(f"{d:+.4f}" for d in nll["per_seed"]),
+            "n/a" if boot is None else f"[{boot['ci'][0]:+.4f}, {boot['ci'][1]:+.4f}]",
             f"{100 * acc['mean']:+.1f} [{100 * acc['ci'][0]:+.1f}, {100 * acc['ci'][1]:+.1f}]",
             "n/a" if gap is None else
             f"{100 * gap['mean']:.1f} % [{100 * gap['ci'][0]:.1f}, {100 * gap['ci'][1]:.1f}]",
@@ -124,7 +126,7 @@ def facts(tmp_path):
                            "head_dim": 32, "kv_dim_total": 128,
                            "mismatches": ["GQA: 1 KV heads serve 4 query heads"],
                            "layers": [{"kind": "sliding", "window": 16}] * 3 + [{"kind": "full"}]}},
-        "data": {"source": "generator", "rows_hash": "sha256:0123abcd", "test_rows": N,
+        "data": {"source": "synthetic", "rows_hash": "sha256:0123abcd", "test_rows": N,
                  "splits.train.rows": 16},
         "kv_storage": {t: {"bytes_per_token": 1024, "dtype": "bfloat16", "key_space": "post-rope"}
                        for t in TEACHERS},
@@ -137,23 +139,38 @@ def _text(html):
     return html_lib.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
 
 
+def _stat(mean, ci, n_seeds=3, p_value=0.25):
+    """A seed_level_test dict with the fields the sentences read."""
+    return {"mean": mean, "ci": ci, "interval": "t", "n_seeds": n_seeds, "p_value": p_value,
+            "p_floor": 2 / 2 ** n_seeds}
+
+
 def test_describe_difference_is_honest():
-    flat = describe_difference("accuracy", 0.8, [-1.2, 2.9], False, " pp", "kv", "ce")
+    flat = describe_difference("accuracy", _stat(0.8, [-1.2, 2.9], p_value=0.5), False, " pp",
+                               "kv", "ce")
     assert "not significant at 95 %" in flat and "CI includes 0" in flat
     assert "this evaluation does not show that kv and ce differ on accuracy" in flat
     assert "better" not in flat and "worse" not in flat
-    better = describe_difference("answer NLL", -0.31, [-0.4, -0.2], True, " nats/token",
+    assert "sign-flip p = 0.5 (floor 0.25)" in flat
+    better = describe_difference("answer NLL", _stat(-0.31, [-0.4, -0.2]), True, " nats/token",
                                  "kv", "ce")
     assert better.startswith("answer NLL: kv − ce = -0.31 nats/token (95 % CI [-0.4, -0.2] "
-                             "nats/token).")
-    assert "kv is better than ce" in better and "not significant" not in better
+                             "nats/token, t interval over 3 seeds and the test examples; "
+                             "sign-flip p = 0.25 (the floor: the smallest p this many seeds "
+                             "allow)).")
+    assert "CI lies entirely below 0: kv is better than ce" in better
+    assert "not significant" not in better
     assert "by 0.2 nats/token to 0.4 nats/token" in better  # bounded by the CI, not the estimate
-    worse = describe_difference("accuracy", -3.0, [-5.0, -1.0], False, " pp", "kv_shuffled", "kv")
+    worse = describe_difference("accuracy", _stat(-3.0, [-5.0, -1.0]), False, " pp",
+                                "kv_shuffled", "kv")
     assert "kv_shuffled − kv = -3 pp" in worse and "kv_shuffled is worse than kv" in worse
-    assert "not significant" in describe_difference("answer NLL", 0.0, [0.0, 0.0], True, "",
-                                                    "kv", "ce")
+    one_seed = {**_stat(-3.0, [-5.0, -1.0]), "interval": "bootstrap", "p_floor": None}
+    assert "bootstrap over the test examples of one seed; bootstrap p = 0.25" in \
+        describe_difference("accuracy", one_seed, False, " pp", "kv", "ce")
+    assert "not significant" in describe_difference("answer NLL", _stat(0.0, [0.0, 0.0]), True,
+                                                    "", "kv", "ce")
     with pytest.raises(TypeError):  # no default arm names: every sentence says which arms
-        describe_difference("answer NLL", -0.31, [-0.4, -0.2], True, " nats/token")
+        describe_difference("answer NLL", _stat(-0.31, [-0.4, -0.2]), True, " nats/token")
 
 
 def test_build_summary_numbers():
@@ -171,7 +188,12 @@ def test_build_summary_numbers():
                                                         for s in range(3)]))
     lo, hi = cmp["nll"]["ci"]
     assert lo < -0.3 + 0.05 and hi > -0.3 - 0.05 and lo < cmp["nll"]["mean"] < hi
-    assert cmp["nll"]["significant"] and cmp["nll"]["p_value"] < 0.01
+    # Headline: the t interval; p: the exact sign-flip test, at its floor with 3 seeds that agree.
+    assert cmp["nll"]["interval"] == "t" and cmp["nll"]["significant"]
+    assert cmp["nll"]["p_value"] == cmp["nll"]["p_floor"] == 0.25
+    per_seed = (_per_example(kv, "nll") - _per_example(ce, "nll")).mean(1)
+    assert cmp["nll"]["per_seed"] == pytest.approx(list(per_seed))
+    assert cmp["nll"]["bootstrap"]["significant"] and cmp["nll"]["bootstrap"]["p_value"] < 0.01
     assert cmp["nll"]["n_seeds"] == 3 and cmp["nll"]["seed_variance"] == "estimated"
     expected_accuracy = np.mean([kv[s]["accuracy"] - ce[s]["accuracy"] for s in range(3)])
     assert cmp["accuracy"]["mean"] == pytest.approx(expected_accuracy)
@@ -290,9 +312,18 @@ def test_report_with_three_seeds_three_arms(facts):
     assert _ab_rows(md) == [_expected_row("kv", "ce", kv), _expected_row("kv_shuffled", "ce",
                                                                          shuffled)]
     lo, hi = kv["nll"]["ci"]
-    assert (f"answer NLL: kv − ce = {kv['nll']['mean']:+.4g} nats/token (95 % CI "
-            f"[{lo:+.4g}, {hi:+.4g}] nats/token)") in text
+    sentence = (f"answer NLL: kv − ce = {kv['nll']['mean']:+.4g} nats/token (95 % CI "
+                f"[{lo:+.4g}, {hi:+.4g}] nats/token, t interval over 3 seeds and the test "
+                f"examples; sign-flip p = 0.25 (the floor")
+    assert sentence in text
     assert "kv is better than ce on answer NLL at 95 % confidence" in text
+    # The data source leads: the first line says the problems are synthetic, and the headline
+    # sentence names the source beside the first comparison.
+    assert md.splitlines()[0] == "# kava report: synthetic problems, not GSM8K"
+    headline = md.split("## Headline")[1].split("## Summary")[0]
+    assert headline.strip().startswith("These are synthetic problems, not GSM8K")
+    assert ("On synthetic problems (kava/synthetic.py's generator), not GSM8K: " + sentence
+            ) in headline
     # kv_shuffled draws its NLL like ce: the CI must include 0 and the page must say so.
     assert not shuffled["nll"]["significant"]
     assert ("the difference is not significant at 95 %: this evaluation does not show that "
@@ -499,3 +530,32 @@ def test_report_shows_the_tokens_without_a_kv_target_per_arm_and_teacher(facts, 
     assert "Student tokens without a KV target" in text
     for row in ("kv llama 3.00% 4.00%", "kv gemma 0.00% 0.00%", "ce llama 10.00% 10.00%"):
         assert row in text and f"| {row.replace(' ', ' | ')} |" in markdown
+
+
+def test_headline_names_gsm8k_and_the_step_each_run_chose(facts, tmp_path):
+    """On real GSM8K the title carries no synthetic warning and the headline names the copy it
+    read; runs that kept their best validation step show it, runs without one are tolerated."""
+    facts = {**facts, "data": {"source": "path", "path": "/data/gsm8k",
+                               "splits.test.sha256": "bb1c4f23a89b8cf9"}}
+    infos = {("kv", 0): {"best_step": 40, "validation": [{"step": 20, "nll": 2.5},
+                                                         {"step": 40, "nll": 2.25}]},
+             ("kv", 1): {"best_step": 20, "validation": [{"step": 20, "nll": 2.4}]},
+             ("ce", 0): {}, ("ce", 1): {}}
+    paths = {}
+    for (arm, seed), info in infos.items():
+        path = tmp_path / f"{arm}-{seed}.json"
+        path.write_text(json.dumps(info))
+        paths.setdefault(arm, {})[str(seed)] = path
+    loaded = load_facts(train_infos=paths)
+    assert loaded["chosen_steps"] == {"kv": {0: {"best_step": 40, "validation_nll": 2.25},
+                                             1: {"best_step": 20, "validation_nll": 2.4}}}
+    evals = _evals(seeds=[0, 1])
+    _, md, _ = render_report(build_summary(evals, n_boot=500), evals, {}, {**facts, **loaded})
+    assert md.splitlines()[0] == "# kava report"
+    headline = md.split("## Headline")[1].split("## Summary")[0].strip()
+    assert headline.startswith("On GSM8K (a local copy: /data/gsm8k; test rows sha256 "
+                               "bb1c4f23a89b): answer NLL: kv − ce = ")
+    assert "| kv | 0 | 40 | 2.25 |" in md and "| kv | 1 | 20 | 2.4 |" in md
+    assert "| ce | 0 |" not in md.split("Step each arm × seed chose")[1].split("##")[0]
+    _, md, _ = render_report(build_summary(evals, n_boot=500), evals, {}, facts)
+    assert "Step each arm × seed chose" not in md

@@ -1,7 +1,7 @@
 """The run report: summary.json, a self-contained report.html (PNG plots inlined as base64) and a
 report.md with the same tables and sentences, from plain dicts the report stage loads from JSON.
 In four steps, a module each: load (the run's files into the dicts below), summary (the
-statistics of summary.json, kava.stats's bootstrap), plots (PNG figures) and render (the HTML
+statistics of summary.json, kava.stats), plots (PNG figures) and render (the HTML
 and Markdown documents).
 
 Input shapes (every function below documents which it takes):
@@ -28,6 +28,8 @@ them from the run's files):
      "kv_storage": {"<teacher>": {"bytes_per_token", "dtype", "key_space", ...}},
      "benchmarks": {"<job>": [row, ...]},          # rows as read_benchmark returns them
      "tokens_without_target": {"<arm>": {"<teacher>": [fraction per seed]}},  # train.json
+     "chosen_steps": {"<arm>": {<seed>: {"best_step", "validation_nll"}}},  # train.json, when
+                                                   # weights were chosen on validation rows
      "evaluation": {...}}                          # the evaluation settings
 """
 

@@ -104,11 +104,32 @@ def _kv_storage(manifests):
     return storage
 
 
+def _train_facts(infos):
+    """From {arm: {seed: train.json}}: tokens_without_target {arm: {teacher: [fraction per
+    seed]}}, and chosen_steps {arm: {seed: {"best_step", "validation_nll"}}} when a run chose its
+    weights on the validation rows (train.json's best_step; validation: [{"step", "nll"}])."""
+    facts = {"tokens_without_target": {arm: {} for arm in infos}}
+    chosen = {}
+    for arm, runs in infos.items():
+        for seed, info in seeded(runs).items():
+            for teacher, teacher_info in info.get("teachers", {}).items():
+                facts["tokens_without_target"][arm].setdefault(teacher, []).append(
+                    teacher_info["tokens_without_target"])
+            if info.get("best_step") is not None:
+                curve = {row.get("step"): row.get("nll") for row in info.get("validation") or []
+                         if isinstance(row, dict)}
+                chosen.setdefault(arm, {})[seed] = {"best_step": info["best_step"],
+                                                    "validation_nll": curve.get(info["best_step"])}
+    if chosen:
+        facts["chosen_steps"] = chosen
+    return facts
+
+
 def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir=None,
                evaluation=None, train_infos=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
     manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
-    settings (a dict) and {arm: {seed: train.json}}. Anything not given is left out and shows
+    settings (a dict) and {arm: {seed: train.json}} (_train_facts). Anything not given is left out and shows
     as n/a."""
     facts = {}
     if env:
@@ -129,13 +150,9 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
     if evaluation:
         facts["evaluation"] = _flatten(evaluation)
     if train_infos:
-        # {arm: {teacher: [fraction of student tokens without a KV target, per seed]}}
-        facts["tokens_without_target"] = {arm: {} for arm in train_infos}
-        for arm, runs in train_infos.items():
-            for path in runs.values():
-                for teacher, info in _read_json(path, "train summary")["teachers"].items():
-                    facts["tokens_without_target"][arm].setdefault(teacher, []).append(
-                        info["tokens_without_target"])
+        facts.update(_train_facts({arm: {seed: _read_json(path, "train summary")
+                                         for seed, path in runs.items()}
+                                   for arm, runs in train_infos.items()}))
     return facts
 
 

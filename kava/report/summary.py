@@ -1,11 +1,12 @@
 """summary.json: every model's accuracy, NLL and held-out KV scores, and every arm against the
-control arm (and each report.contrasts pair) with kava.stats's two-level bootstrap."""
+control arm (and each report.contrasts pair) with kava.stats's seed_level_test (headline t
+interval, exact sign-flip p, per-seed differences, two-level bootstrap beside)."""
 
 import numpy as np
 
 from kava.errors import KavaError
 from kava.report.load import seeded
-from kava.stats import bootstrap_ci, gap_recovered, gap_recovered_from_init, two_level_bootstrap
+from kava.stats import bootstrap_ci, gap_recovered, gap_recovered_from_init, seed_level_test
 
 
 def _records(evals):
@@ -91,7 +92,7 @@ def _compare(arm_runs, reference_runs, best_teacher, n_boot, seed):
     for metric, key in (("accuracy", "correct"), ("nll", "nll")):
         covered = list(_covered(arm_runs[common[0]], key))
         diff = _grid(arm_runs, common, covered, key) - _grid(reference_runs, common, covered, key)
-        entry[metric] = two_level_bootstrap(diff, n_boot=n_boot, seed=seed)
+        entry[metric] = seed_level_test(diff, n_boot=n_boot, seed=seed)
     entry["gap_recovered"] = None
     if best_teacher is not None:
         entry["gap_recovered"] = gap_recovered(
@@ -100,34 +101,8 @@ def _compare(arm_runs, reference_runs, best_teacher, n_boot, seed):
     return entry
 
 
-def build_summary(evals, control, contrasts, n_boot, seed):
-    """The dict written as summary.json, from EVALS (module docstring).
-
-    Every arm is compared with the control arm on the seeds both ran: the per-example difference
-    arm − control, paired by seed and example, with a two-level bootstrap CI (kava.stats:
-    seeds, then examples). `contrasts`: more [arm, reference arm] pairs compared the same way
-    (e.g. kv against its kv_shuffled control). NLL is per token, so the reference teacher of gap recovered is the
-    best (lowest NLL) among the teachers whose tokenizer equals the student's:
-
-        {"control": str,
-         "comparisons": {"<arm>": {"seeds": [...], "n_examples": int,
-                         "nll", "accuracy": {"mean", "ci", "p_value", "significant", "n_seeds",
-                                             "n_examples", "seed_variance"},
-                         "gap_recovered": None | {"mean", "ci"}}},  # (NLL_c − NLL_arm)/(NLL_c − NLL_teacher)
-         "comparisons_skipped": None | str,        # why there is no comparison
-         "contrasts": [{"arm", "reference", ...the same as a comparison...}],
-         "heldout_cos", "heldout_r2": {"<arm>": float | None},   # mean over seeds
-         "gap_recovered_from_init": {"<arm>": float | None},     # anchored at the untrained init
-         "gap_skipped": None | str,                # why there is no reference teacher
-         "best_teacher": None | {"name", "nll"},   # among teachers with init's tokenizer
-         "models": {"<label>": {"kind": "init"|"arm"|"teacher", "n_examples": int,
-                    "same_tokenizer_as_init": bool | None,   # None: a record lacks "tokenizer"
-                    "accuracy"/"nll": {"mean", "std", "n_seeds", "ci"},
-                    "heldout_cos", "heldout_r2": None | {"mean", "std", "n_seeds"},
-                    "heldout_cos_per_teacher", "heldout_r2_per_teacher":
-                        None | {"<teacher>": {"mean", "std", "n_seeds"}}}}}
-    """
-    rows = _records(evals)
+def _models(rows, n_boot, seed):
+    """summary.json's "models" (build_summary's docstring) from _records' rows."""
     grouped = {}
     for label, kind, _, rec in rows:
         grouped.setdefault((label, kind), []).append(rec)
@@ -146,7 +121,40 @@ def build_summary(evals, control, contrasts, n_boot, seed):
         noises = [r["nll_noise"]["max_abs"] for r in recs if r.get("nll_noise")]
         entry["nll_noise_max"] = max(noises) if noises else None
         models[label] = entry
+    return models
 
+
+def build_summary(evals, control, contrasts, n_boot, seed):
+    """The dict written as summary.json, from EVALS (module docstring).
+
+    Every arm is compared with the control arm on the seeds both ran: the per-example difference
+    arm − control, paired by seed and example, with kava.stats.seed_level_test's headline
+    interval and p, and the two-level bootstrap (seeds, then examples) beside them.
+    `contrasts`: more [arm, reference arm] pairs compared the same way (e.g. kv against its
+    kv_shuffled control). NLL is per token, so the reference teacher of gap recovered is the
+    best (lowest NLL) among the teachers whose tokenizer equals the student's:
+
+        {"control": str,
+         "comparisons": {"<arm>": {"seeds": [...], "n_examples": int,
+                         "nll", "accuracy": kava.stats.seed_level_test's dict (headline "ci"
+                             and "interval", sign-flip "p_value" and "p_floor", "per_seed",
+                             "bootstrap", "n_seeds", "n_examples", "seed_variance"),
+                         "gap_recovered": None | {"mean", "ci"}}},  # (NLL_c − NLL_arm)/(NLL_c − NLL_teacher)
+         "comparisons_skipped": None | str,        # why there is no comparison
+         "contrasts": [{"arm", "reference", ...the same as a comparison...}],
+         "heldout_cos", "heldout_r2": {"<arm>": float | None},   # mean over seeds
+         "gap_recovered_from_init": {"<arm>": float | None},     # anchored at the untrained init
+         "gap_skipped": None | str,                # why there is no reference teacher
+         "best_teacher": None | {"name", "nll"},   # among teachers with init's tokenizer
+         "models": {"<label>": {"kind": "init"|"arm"|"teacher", "n_examples": int,
+                    "same_tokenizer_as_init": bool | None,   # None: a record lacks "tokenizer"
+                    "accuracy"/"nll": {"mean", "std", "n_seeds", "ci"},
+                    "heldout_cos", "heldout_r2": None | {"mean", "std", "n_seeds"},
+                    "heldout_cos_per_teacher", "heldout_r2_per_teacher":
+                        None | {"<teacher>": {"mean", "std", "n_seeds"}}}}}
+    """
+    rows = _records(evals)
+    models = _models(rows, n_boot, seed)
     arms = {arm: seeded(runs) for arm, runs in evals["arms"].items()}
     init_tokenizer = evals["init"].get("tokenizer")
     for label, _, _, rec in rows:
