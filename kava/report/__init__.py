@@ -2,7 +2,8 @@
 report.md with the same tables and sentences, from plain dicts the report stage loads from JSON.
 In four steps, a module each: load (the run's files into the dicts below), summary (the
 statistics of summary.json, kava.stats), plots (PNG figures) and render (the HTML
-and Markdown documents).
+and Markdown documents); studies renders the README's study tables from the committed
+studies/<name>/summary.json.
 
 Input shapes (every function below documents which it takes):
 

@@ -129,8 +129,8 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
                evaluation=None, train_infos=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
     manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
-    settings (a dict) and {arm: {seed: train.json}} (_train_facts). Anything not given is left out and shows
-    as n/a."""
+    settings (a dict) and {arm: {seed: train.json}} (_train_facts). Anything not given is left
+    out and shows as n/a."""
     facts = {}
     if env:
         facts["env"] = _flatten(_read_json(env, "environment"))
