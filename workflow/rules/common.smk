@@ -94,7 +94,7 @@ if workflow.is_main_process:
 SPLITS = ["train", "test"]
 # The keys of `data` that decide which rows are prepared (max_length and on_too_long act per
 # teacher, at precompute): changing only those must not redo the data and everything after it.
-PREPARE_KEYS = ["source", "path", "train_size", "test_size", "seed", "on_bad_row"]
+PREPARE_KEYS = ["source", "path", "train_size", "validation_size", "test_size", "seed", "on_bad_row"]
 
 
 # ---- teacher KV (precompute.smk) ---------------------------------------------
