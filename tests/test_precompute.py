@@ -2,6 +2,7 @@
 offsets, sliding windows, dtypes, layer selection, too-long examples, the stage and resume."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -13,12 +14,12 @@ import torch
 from transformers import DynamicCache
 
 from conftest import PROJECT
-from kava.capture import cache_kv, forward_kv
+from kava.capture import cache_kv, forward_kv, forward_kv_logits
 from kava.data import write_split
 from kava.dims import detect_dims
 from kava.errors import KavaError
 from kava.io import write_json
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, logits_layout, logits_spec
 from kava.models import load_model, load_tokenizer
 from kava.precompute import length_batches, select_layers
 from test_kvstore import build_store, synthetic_rows
@@ -347,3 +348,54 @@ def test_real_teachers_on_a_few_examples(real_cards, tmp_path):
                 k, v = hand_kv(model, example["input_ids"], layer, hidden)
                 torch.testing.assert_close(example["k"][layer], k, atol=1e-4, rtol=1e-3)
                 torch.testing.assert_close(example["v"][layer], v, atol=1e-4, rtol=1e-3)
+
+
+# ---- stored top-k logits ---------------------------------------------------------------------
+
+def test_stored_top_k_logits_equal_hand_computation(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    model = load_model(card)
+    spec = logits_spec(8, "fp32", model.config.vocab_size)
+    assert spec["ids"] == "uint16"
+    store = KVStore(build_store(card, synthetic_rows(5), tmp_path, dtype="fp32", batch_tokens=400,
+                                layers=[0], logits=spec))
+    assert store.manifest["logits"] == spec
+    for i in range(len(store)):
+        example = store.example(i)
+        with torch.no_grad():
+            logits = model(example["input_ids"][None]).logits[0].double()
+        probs = logits.softmax(-1)
+        order = probs.argsort(dim=-1, descending=True)[:, :8]
+        torch.testing.assert_close(example["top_ids"], order)
+        top = probs.gather(-1, order)
+        torch.testing.assert_close(example["top_logp"].double(), top.log(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(example["tail_logp"].double(), (1 - top.sum(-1)).log(),
+                                   atol=1e-5, rtol=1e-4)
+    # The KV is the same as without logits: only the forward's extent differs.
+    plain = KVStore(build_store(card, synthetic_rows(5), tmp_path / "plain", dtype="fp32",
+                                batch_tokens=400, layers=[0]))
+    assert plain.logits is None and "top_ids" not in plain.example(0)
+    torch.testing.assert_close(plain.example(2)["k"][0], store.example(2)["k"][0])
+
+
+def test_logit_store_round_trips_its_compact_dtypes(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    spec = logits_spec(4, "bf16", 300)
+    manifest = build_store(card, synthetic_rows(3), tmp_path, layers=[1], logits=spec)
+    example = KVStore(manifest).example(1)
+    assert example["top_logp"].dtype == torch.bfloat16 and example["top_ids"].dtype == torch.int64
+    assert example["tail_logp"].dtype == torch.float32
+    assert bool((example["top_logp"][:, :-1] >= example["top_logp"][:, 1:]).all())
+    assert logits_spec(64, "bf16", 262144)["ids"] == "int32"
+    # bytes per token of the logits: k·(2 + 2) + 4 at bf16 and uint16 ids.
+    layout = logits_layout(10, logits_spec(64, "bf16", 49152))
+    assert sum(d.itemsize * math.prod(s) for d, s in layout.values()) / 10 == 260
+
+
+def test_forward_kv_logits_runs_the_whole_model(tiny_card):
+    model = load_model(tiny_card("llama"))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        kv, logits = forward_kv_logits(model, ids, torch.ones_like(ids), [0])
+        torch.testing.assert_close(logits, model(ids).logits)
+        torch.testing.assert_close(kv[0][0], forward_kv(model, ids, torch.ones_like(ids), [0])[0][0])
