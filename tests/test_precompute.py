@@ -21,7 +21,8 @@ from kava.errors import KavaError
 from kava.io import write_json
 from kava.kvstore import KVStore, logits_layout, logits_spec
 from kava.models import load_model, load_tokenizer
-from kava.precompute import length_batches, select_layers
+from kava.config import kd_teachers
+from kava.precompute import length_batches, select_layers, teacher_logits
 from test_kvstore import build_store, synthetic_rows
 
 ARCHITECTURES = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text"]
@@ -314,6 +315,36 @@ def test_stage_errors_are_one_line(stage_inputs, tmp_path):
     result = run_stage(stage_command(stage_inputs, tmp_path, layers=[0, 9]))
     assert result.returncode == 2 and "precompute.layers [9] out of range" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_logit_kd_from_a_teacher_with_another_tokenizer_is_refused(stage_inputs, tmp_path):
+    card = json.loads((stage_inputs / "card.json").read_text())
+    tokenizer = load_tokenizer(card["dir"])
+    assert teacher_logits(load_model(card), tokenizer, card["dir"], "t", 4, "bf16")["k"] == 4
+    tokenizer.add_tokens(["<not the teacher's>"])
+    tokenizer.save_pretrained(tmp_path / "student")
+    (tmp_path / "student.json").write_text(json.dumps({"dir": str(tmp_path / "student")}))
+    out = tmp_path / "out"
+    result = run_stage([*stage_command(stage_inputs, out, logits_k=4, logits_dtype="bf16"),
+                        "--kd-student-card", str(tmp_path / "student.json")])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kava: error: teacher {card['name']}: an arm asks logit KD from it (kd_weight > 0), but "
+        f"its tokenizer is not the student's; cross-tokenizer KD is not supported, so set that "
+        f"arm's teachers to ones with the student's tokenizer")
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_kd_teachers_are_the_kd_arms_and_need_stored_logits():
+    config = {"teachers": ["a", "b"], "precompute": {"logits_k": 64}, "train": {"kd_weight": 0.0,
+              "teachers": None}, "arms": {"ce": {}, "kd": {"kd_weight": 1.0, "teachers": ["b"]}}}
+    assert kd_teachers(config) == ["b"]
+    config["arms"]["kv_kd"] = {"kd_weight": 0.5}
+    assert kd_teachers(config) == ["a", "b"]
+    config["precompute"]["logits_k"] = 0
+    with pytest.raises(KavaError, match="arms.kd: kd_weight 1.0 distils stored logits, but "
+                                        "precompute.logits_k is 0"):
+        kd_teachers(config)
 
 
 # ---- the real default teachers ----------------------------------------------------------------
