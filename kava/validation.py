@@ -11,12 +11,15 @@ import math
 import numpy as np
 import torch
 
+from kava.errors import KavaError
 from kava.evaluate import answer_nll, at_word_boundary
 
 
 def validation_nll(model, tokenizer, rows, batch_size):
     """Mean answer NLL (nats/token, the mean of the per-example means, as eval's "nll") of
     `model` on `rows` ({prompt, answer}). Leaves the model in the mode it was found in."""
+    if not rows:
+        raise KavaError("no validation rows to score: data.validation_size is 0")
     was_training = model.training
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
     try:

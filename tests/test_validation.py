@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from kava.errors import KavaError
 from kava.evaluate import answer_nll, at_word_boundary
 from kava.models import load_model, load_tokenizer
 from kava.validation import BestStep, validation_nll
@@ -35,6 +36,8 @@ def test_validation_nll_is_eval_answer_nll_and_keeps_the_mode(student):
     model.eval()
     validation_nll(model, tokenizer, ROWS, batch_size=2)
     assert not model.training
+    with pytest.raises(KavaError, match="no validation rows to score: data.validation_size is 0"):
+        validation_nll(model, tokenizer, [], batch_size=2)
 
 
 def test_best_step_keeps_the_lowest_steps_weights(student):
