@@ -71,8 +71,8 @@ def student_card(args, workdir):
 def bench_rows(n):
     """`n` test rows ({id, text, ...}): real GSM8K when its copy is present, else synthetic."""
     source = {"source": "path", "path": str(GSM8K)} if GSM8K.is_dir() else {"source": "synthetic"}
-    tables, info = prepare({**source, "train_size": 1, "test_size": n, "seed": 0,
-                            "on_bad_row": "error"})
+    tables, info = prepare({**source, "train_size": 1, "validation_size": 0, "test_size": n,
+                            "seed": 0, "on_bad_row": "error"})
     return tables["test"], info["source"]
 
 

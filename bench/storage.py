@@ -9,6 +9,9 @@ all-layer store. Per teacher and format:
 - `<format>_kv_bytes_per_token`: the stored K/V tensors (with fp8's and pca's one-byte
   exponents and group index) over all tokens; pca's basis is stored once per teacher
   (`basis_bytes`) and is left out, and counted in the extrapolations;
+- `logits_bytes_per_token`: the top-k logit store of logit KD (precompute.logits_k and
+  logits_dtype's defaults: log-probs, ids at the teacher's id width, the fp32 tail), beside the
+  K/V formats' (DistillKit's budget: <= 300 B/token at k = 64), and `logits_gsm8k_train_gb`;
 - `<format>_over_bf16_all_bytes_ratio`: against today's bf16 all-layer store (goal <= 1/8);
   `fp8_over_fp32_bytes_ratio`: fp8 all layers against raw fp32 K/V (goal <= 0.25);
 - `<format>_cosine_error`: 1 - cosine between each dequantised K or V vector (one token, one
@@ -51,7 +54,7 @@ from kava.dims import detect_dims
 from kava.evaluate import answer_nll, at_word_boundary
 from kava.io import read_json
 from kava.kvfit import kv_probe_r2
-from kava.kvstore import KVStore
+from kava.kvstore import LOGIT_TENSORS, KVStore, logits_spec
 from kava.models import load_model, load_tokenizer
 from kava.precompute import precompute_split, select_layers
 from kava.stats import two_level_bootstrap
@@ -73,20 +76,38 @@ def bench_splits(n_train, n_test):
     """(train rows, test rows, source): real GSM8K when its copy is present, else synthetic."""
     gsm8k = PROJECT.parent / "shared" / "data" / "gsm8k"
     source = {"source": "path", "path": str(gsm8k)} if gsm8k.is_dir() else {"source": "synthetic"}
-    tables, info = prepare({**source, "train_size": n_train, "test_size": n_test, "seed": 0,
-                            "on_bad_row": "error"})
+    tables, info = prepare({**source, "train_size": n_train, "validation_size": 0,
+                            "test_size": n_test, "seed": 0, "on_bad_row": "error"})
     return tables["train"], tables["test"], info["source"]
+
+
+def tensor_bytes(store, names):
+    """Stored bytes of the tensors `names` in a store's shards."""
+    total = 0
+    for shard in store.manifest["shards"]:
+        with safe_open(str((store.path.parent / shard["path"]).resolve()), framework="pt") as handle:
+            total += sum(handle.get_tensor(name).nbytes for name in handle.keys() if name in names)
+    return total
 
 
 def kv_bytes(store, layers):
     """Stored K/V bytes of `layers` in a store (values, exponents, group index)."""
-    wanted = {f"{kind}.{layer}" for kind in ("k", "v", "k_exp", "v_exp") for layer in layers}
-    total = 0
-    for shard in store.manifest["shards"]:
-        with safe_open(str((store.path.parent / shard["path"]).resolve()), framework="pt") as handle:
-            total += sum(handle.get_tensor(name).nbytes for name in handle.keys()
-                         if name in wanted or name == "group")
-    return total
+    return tensor_bytes(store, {f"{kind}.{layer}" for kind in ("k", "v", "k_exp", "v_exp")
+                                for layer in layers} | {"group"})
+
+
+def logit_bytes_per_token(card, test_rows, folder):
+    """Bytes per token of the stored top-k logits at precompute's default k and dtype (ids at
+    the teacher's id width), from a store of the test rows with logits (one layer of KV)."""
+    precompute = schema_defaults("precompute")
+    vocab = load_model(card).config.vocab_size
+    spec = logits_spec(precompute["logits_k"], precompute["logits_dtype"], vocab)
+    store = KVStore(precompute_split(card, test_rows, folder, examples_per_shard=len(test_rows),
+                                     dtype="bf16", split="test", layers=[0], logits=spec,
+                                     **OPTIONS))
+    return {"logits_k": spec["k"], "logits_ids": spec["ids"],
+            "logits_bytes_per_token": round(tensor_bytes(store, set(LOGIT_TENSORS))
+                                            / store.manifest["tokens"], 1)}
 
 
 def reconstruction(got, exact, layers):
@@ -179,6 +200,8 @@ def measure_teacher(name, card, student, student_dims, train_rows, test_rows, wo
         if dtype != "fp32":
             entry[f"{key}_cosine_error"], entry[f"{key}_r2"] = reconstruction(
                 test[dtype], test["fp32"], layers[which])
+    # Beside the KV formats: the logit store a KD arm reads (precompute.logits_k).
+    entry.update(logit_bytes_per_token(card, test_rows, f"{folder}/test-logits"))
     bf16_all = entry["bf16_all_kv_bytes_per_token"]
     for dtype, which in FORMATS:
         key = f"{dtype}_{which}"
@@ -188,6 +211,7 @@ def measure_teacher(name, card, student, student_dims, train_rows, test_rows, wo
         entry["fp8_all_kv_bytes_per_token"] / entry["raw_fp32_kv_bytes_per_token"], 4)
     gsm8k_tokens = GSM8K_TRAIN_ROWS * tokens / len(test_rows)
     entry["gsm8k_train_tokens"] = round(gsm8k_tokens)
+    entry["logits_gsm8k_train_gb"] = round(entry["logits_bytes_per_token"] * gsm8k_tokens / 1e9, 3)
     for dtype, which in FORMATS:
         key = f"{dtype}_{which}"
         extra = entry["basis_bytes"] if dtype == "pca" else 0

@@ -12,9 +12,10 @@ Layout of everything returned: `[B, T, H_kv, D]`.
 
 forward_kv stops the forward once the last requested layer's K and V exist: that layer's
 attention output and MLP, any later layers and the final norm would be computed for nothing.
+forward_kv_logits, for a teacher whose logits are stored too, runs the whole model.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -104,6 +105,15 @@ def stop_after(module):
 def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
     """The decoder body's forward up to the last of `layers` (no lm_head, no logits):
     `{layer: (k, v)}`, [B,T,H,D]."""
+    return _capture(model, input_ids, attention_mask, layers, key_space, logits=False)[0]
+
+
+def forward_kv_logits(model, input_ids, attention_mask, layers, key_space="pre_rope"):
+    """The whole model's forward: (forward_kv's `{layer: (k, v)}`, logits [B, T, V])."""
+    return _capture(model, input_ids, attention_mask, layers, key_space, logits=True)
+
+
+def _capture(model, input_ids, attention_mask, layers, key_space, logits):
     from transformers import DynamicCache
 
     if key_space not in KEY_SPACES:
@@ -112,22 +122,25 @@ def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise KavaError(f"layers {bad} out of range for a model with {n_layers} layers")
-    body = model.model
+    # The body alone, stopped at the last stored layer, unless the logits are wanted.
+    run = model if logits else model.model
     last = decoder_layers(model)[max(layers)].self_attn
     if key_space == "post_rope":
         cache = DynamicCache()
         # The cache is filled inside the attention, before its output projection.
-        with stop_after(last):
-            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                 past_key_values=cache)
-        return {layer: (cache.layers[layer].keys.transpose(1, 2),
-                        cache.layers[layer].values.transpose(1, 2)) for layer in layers}
+        with nullcontext() if logits else stop_after(last):
+            output = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         past_key_values=cache)
+        kv = {layer: (cache.layers[layer].keys.transpose(1, 2),
+                      cache.layers[layer].values.transpose(1, 2)) for layer in layers}
+        return kv, output.logits if logits else None
     # Registered after the capture hooks, so it runs after them on the last V projection (K is
     # projected before V in every supported family; phi3 projects both at once).
     with pre_rope_hooks(model, layers) as captured, \
-            stop_after(getattr(last, "qkv_proj", None) or last.v_proj):
-        body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return {layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers}
+            nullcontext() if logits else stop_after(getattr(last, "qkv_proj", None) or last.v_proj):
+        output = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    kv = {layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers}
+    return kv, output.logits if logits else None
 
 
 def cache_kv(model, input_ids, attention_mask):

@@ -75,6 +75,19 @@ def arm_configs(config):
     return arms
 
 
+def kd_teachers(config):
+    """Teachers whose logits some arm distils (kd_weight > 0; an arm's teachers, null = all),
+    sorted. Refused when precompute.logits_k stores none."""
+    names = set()
+    for arm, train in arm_configs(config).items():
+        if train["kd_weight"] > 0:
+            if not config["precompute"]["logits_k"]:
+                raise KavaError(f"config arms.{arm}: kd_weight {train['kd_weight']} distils "
+                                f"stored logits, but precompute.logits_k is 0 (stores none)")
+            names.update(train["teachers"] or config["teachers"])
+    return sorted(names)
+
+
 def _home(key):
     """Where the config key `key` lives, if it is one outside the train section, as a hint."""
     sections = load_schema()["properties"]

@@ -20,6 +20,11 @@ Sources (`data.source`):
 
 Subsets: `data.<split>_size` rows drawn by a shuffle seeded with `data.seed` (null: all rows),
 written in source order. The row hash covers id, question and answer of the written rows.
+
+Validation: `data.validation_size` rows of the source's *train* split (never its test split),
+the tail of the same seeded shuffle whose head gives the train rows, so the two never share a
+row, and the validation rows do not move when train_size changes. They keep their train ids
+(`<source>-train-<index>`), which name the source row. Arms select their step on them.
 """
 
 import codecs
@@ -41,6 +46,8 @@ from kava.synthetic import generate
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer: "
 SPLITS = ("train", "test")
+# The prepared tables: the source's splits plus the validation rows held out of its train split.
+PREPARED = ("train", "validation", "test")
 HUB_DATASET = ("openai/gsm8k", "main")
 # Long enough for any working network; an offline machine fails at once (DNS), and without
 # this check huggingface_hub spends ~25 s in retries before datasets gives up.
@@ -194,7 +201,8 @@ def _synthetic_splits(config):
     if unsized:
         raise KavaError(f"data.{unsized[0]}_size: the synthetic generator needs a number of rows "
                         f"(null means 'all rows' of a dataset, which a generator does not have)")
-    train = generate(sizes["train"], config["seed"], "train")
+    # The validation rows come out of the generated train split, as they come out of GSM8K's.
+    train = generate(sizes["train"] + config["validation_size"], config["seed"], "train")
     # Test questions never repeat a train question: no contamination by construction.
     test = generate(sizes["test"], config["seed"], "test", exclude={r["question"] for r in train})
     return {"train": _table_records(train, "synthetic[train]"),
@@ -270,8 +278,30 @@ def subset(rows, size, seed):
     return [rows[i] for i in sorted(order[:size])]
 
 
+def hold_out(rows, train_size, validation_size, seed):
+    """(train rows, validation rows) of a source's train split: one shuffle seeded with `seed`,
+    validation its last `validation_size` rows, train the first `train_size` of the rest (all
+    of the rest if None), each kept in source order. With validation_size 0 the train rows are
+    subset()'s."""
+    if validation_size >= len(rows):
+        raise KavaError(f"data.validation_size {validation_size}: the train split has only "
+                        f"{len(rows)} usable rows, and training needs at least one of them")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    rest = len(rows) - validation_size
+    train = order[:rest if train_size is None else min(train_size, rest)]
+    return [rows[i] for i in sorted(train)], [rows[i] for i in sorted(order[rest:])]
+
+
+def _split_record(chosen, requested, available, skipped):
+    return {"rows": len(chosen), "requested": requested, "available": available,
+            "sha256": rows_sha256(chosen),
+            "skipped": {reason: len(culprits) for reason, culprits in skipped.items()},
+            "skipped_rows": skipped}
+
+
 def prepare(config, env_path=None):
-    """({split: rows}, provenance record for data.json) for the `data` config section."""
+    """({split: rows} of PREPARED, provenance record for data.json) for the `data` config section."""
     provenance, records = load_source(config, env_path)
     prefix = provenance.pop("prefix")
     tables, splits = {}, {}
@@ -281,18 +311,19 @@ def prepare(config, env_path=None):
             where = provenance["path"] or provenance["source"]
             raise KavaError(f"data {where}: split '{split}' has no usable rows "
                             f"({sum(map(len, skipped.values()))} skipped as bad)")
-        chosen = subset(rows, config[f"{split}_size"], config["seed"])
-        tables[split] = chosen
-        splits[split] = {
-            "rows": len(chosen),
-            "requested": config[f"{split}_size"],
-            "available": len(rows),
-            "sha256": rows_sha256(chosen),
-            "skipped": {reason: len(culprits) for reason, culprits in skipped.items()},
-            "skipped_rows": skipped,
-        }
+        if split == "train":
+            tables["train"], tables["validation"] = hold_out(
+                rows, config["train_size"], config["validation_size"], config["seed"])
+            # Its source rows are the train split's, whose skipped rows are counted there.
+            splits["validation"] = {**_split_record(tables["validation"],
+                                                    config["validation_size"], len(rows), {}),
+                                    "from": "train"}
+        else:
+            tables[split] = subset(rows, config[f"{split}_size"], config["seed"])
+        splits[split] = _split_record(tables[split], config[f"{split}_size"], len(rows), skipped)
     return tables, {**provenance, "template": PROMPT_TEMPLATE, "seed": config["seed"],
-                    "on_bad_row": config["on_bad_row"], "splits": splits}
+                    "on_bad_row": config["on_bad_row"],
+                    "splits": {split: splits[split] for split in PREPARED}}
 
 
 def write_split(rows, path):

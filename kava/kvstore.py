@@ -19,9 +19,17 @@ scale groups, which are the batches of its forward):
                                      v_exp.<l> [G, r_l] per component:
                                      K = mean_k.<l> + (k * 2**k_exp[group]) @ basis_k.<l>
 
+With stored logits (precompute.logits_k > 0, a teacher whose tokenizer is the student's), per
+token the teacher's next-token distribution there (the logits at token t predict token t+1):
+
+    top_logp       dtype  [T, k]     the k largest log-probabilities, descending (bf16/fp16/fp32)
+    top_ids        uint16 [T, k]     their token ids (int32 when the vocabulary exceeds 65536)
+    tail_logp      f32    [T]        log(1 - sum of the k probabilities): the rest of the mass
+
 Its metadata (strings): format, teacher, weights_sha256, dtype, key_space, compute_dtype,
-layers, kv_shape, tokenizer, ids (JSON) and, for pca, basis_sha256. Nothing in a shard depends
-on where or when it was written, so a rerun is bit-identical.
+layers, kv_shape, tokenizer, logits ({k, dtype, ids} or null), ids (JSON) and, for pca,
+basis_sha256. Nothing in a shard depends on where or when it was written, so a rerun is
+bit-identical.
 
 A basis file (`kv/<teacher>/basis.safetensors`) holds per stored layer and kind (k, v)
 `mean_<kind>.<l>` f32 [H*D] and `basis_<kind>.<l>` f32 [r_l, H*D] (orthonormal rows, the
@@ -55,8 +63,8 @@ SCALED = ("fp8", "pca")
 KINDS = ("k", "v")
 # In the order safetensors lays tensors out (by its dtype enum, descending; then by name).
 SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float32: "F32", torch.int32: "I32",
-                      torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.int8: "I8"}
+                      torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8"}
 DTYPE_ORDER = list(SAFETENSORS_DTYPES)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 # Exponents whose 2**e is a normal float32: the scale multiplies exactly.
@@ -64,6 +72,24 @@ EXP_RANGE = (-126, 127)
 # What a training config may pin, and where the manifest keeps it.
 EXPECTABLE = {"teacher": ("teacher", "name"), "weights_sha256": ("teacher", "weights_sha256"),
               "dtype": ("dtype",), "key_space": ("key_space",), "layers": ("layers",)}
+
+
+LOGIT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Top-k ids in two bytes where the vocabulary fits (SmolLM2: 49152), which halves the id bytes.
+ID_DTYPES = {"uint16": torch.uint16, "int32": torch.int32}
+LOGIT_TENSORS = ("top_logp", "top_ids", "tail_logp")
+
+
+def logits_spec(k, dtype, vocab_size):
+    """The shard's `logits` metadata: k, the log-prob dtype and the narrowest id dtype."""
+    return {"k": k, "dtype": dtype, "ids": "uint16" if vocab_size <= 1 << 16 else "int32"}
+
+
+def logits_layout(n_tokens, spec):
+    """{tensor name: (torch dtype, shape)} of a shard's stored top-k logits."""
+    return {"top_logp": (LOGIT_DTYPES[spec["dtype"]], (n_tokens, spec["k"])),
+            "top_ids": (ID_DTYPES[spec["ids"]], (n_tokens, spec["k"])),
+            "tail_logp": (torch.float32, (n_tokens,))}
 
 
 def shard_layout(n_examples, n_tokens, layers, kv_shape, dtype, n_groups=1, ranks=None):
@@ -214,7 +240,7 @@ def build_manifest(card, data_info, split, shard_infos, manifest_path):
     if not shard_infos:
         raise KavaError(f"{manifest_path}: no shards to list")
     shared = ("dtype", "key_space", "compute_dtype", "layers", "kv_shape", "tokenizer",
-              "max_length", "on_too_long")
+              "max_length", "on_too_long", "logits")
     first = shard_infos[0]
     for info in shard_infos:
         differing = [key for key in (*shared, "basis") if info.get(key) != first.get(key)]
@@ -294,6 +320,8 @@ class KVStore:
             raise KavaError(f"manifest {self.path}: unknown storage dtype {self.dtype!r} "
                             f"(known: {', '.join(STORAGE_DTYPES)})")
         self.basis = self._basis() if self.dtype == "pca" else None
+        # Absent in a manifest from before logits were stored: none.
+        self.logits = self.manifest.get("logits")
         self.ids = [example_id for shard in shards for example_id in shard["ids"]]
         self._index = {example_id: i for i, example_id in enumerate(self.ids)}
         if len(self._index) != len(self.ids):
@@ -360,6 +388,8 @@ class KVStore:
         meta = handle.metadata()
         expected = {"format": FORMAT, **self._identity(), "dtype": self.dtype,
                     "ids": json.dumps(entry["ids"])}
+        if self.logits:
+            expected["logits"] = json.dumps(self.logits)
         if self.dtype == "pca":
             expected["basis_sha256"] = self.manifest["basis"]["sha256"]
         for key, value in expected.items():
@@ -373,7 +403,8 @@ class KVStore:
         return tensors
 
     def example(self, i):
-        """{id, input_ids [T], char_spans [T, 2], k {layer: [T, H, D]}, v {layer: [T, H, D]}}."""
+        """{id, input_ids [T], char_spans [T, 2], k {layer: [T, H, D]}, v {layer: [T, H, D]}},
+        and with stored logits top_logp [T, k], top_ids [T, k] (int64) and tail_logp [T]."""
         if not 0 <= i < len(self.ids):
             raise IndexError(f"example {i} out of range for {len(self.ids)} examples")
         number = bisect.bisect_right(self._starts, i) - 1
@@ -391,5 +422,8 @@ class KVStore:
                     values = torch.addmm(self.basis[f"mean_{kind}.{layer}"], values,
                                          self.basis[f"basis_{kind}.{layer}"]).view(-1, *self.kv_shape)
                 out[kind][layer] = values
+        if self.logits:
+            out.update({name: tensors[name][start:end] for name in LOGIT_TENSORS})
+            out["top_ids"] = out["top_ids"].long()
         return {"id": self.ids[i], "input_ids": tensors["input_ids"][start:end].long(),
                 "char_spans": tensors["char_spans"][start:end].long(), **out}

@@ -1,4 +1,5 @@
-"""KV distillation losses over padded batches, and the weighting of several teachers.
+"""KV distillation losses over padded batches, logit KD from a stored top-k, and the weighting
+of several teachers.
 
 All take KV of one layer as `[B, T, H, D]` with a `[B, T]` boolean mask (True = a real,
 aligned token) and average over valid tokens and heads only. A batch with no valid token gives
@@ -117,3 +118,34 @@ class TeacherWeights(nn.Module):
     def entropy(self):
         """Mean over layers of the entropy of the teacher weights (max log n_teachers)."""
         return -(self.weights() * self.logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def with_tail(top_logp):
+    """[..., k] log-probabilities → [..., k + 1]: the k plus one bucket holding the rest of the
+    mass, log(1 − Σ p), computed as log1p(−Σ p) and floored so a top-k that holds all the mass
+    (to rounding) gives a finite, tiny tail."""
+    tail = torch.log1p(-top_logp.exp().sum(dim=-1).clamp(max=1 - 1e-6))
+    return torch.cat([top_logp, tail.unsqueeze(-1)], dim=-1)
+
+
+def kd_loss(student_logits, top_ids, top_logp, tail_logp, mask, temperature=1.0):
+    """Forward KL(teacher ‖ student) over the teacher's stored top-k tokens plus one tail
+    bucket, averaged over the `mask` positions, times temperature² — the stored-top-k logit KD
+    of DistillKit (arcee-ai/DistillKit) and Minitron (Muralidharan et al. 2024, arXiv
+    2407.14679: forward KL, τ = 1); the τ² keeps the gradient's scale independent of τ (Hinton
+    et al. 2015, arXiv 1503.02531).
+
+    student_logits [B, T, V]; top_ids [B, T, k] (any integer dtype), top_logp [B, T, k] and
+    tail_logp [B, T] the teacher's stored log-probabilities at τ = 1 (kava.precompute); mask
+    [B, T] bool, the positions to distil. The student's buckets are its log-softmax at the same
+    k ids and the log of its remaining mass. The temperature acts on the k + 1 buckets of both
+    sides alike, as if each were one token: exact at τ = 1; otherwise the tail's own spread is
+    unknown from the store, so it tempers as one token. A batch with no position gives 0."""
+    logits = student_logits[mask].float()
+    teacher = torch.cat([top_logp[mask].float(), tail_logp[mask].float().unsqueeze(-1)], dim=-1)
+    student = with_tail(logits.log_softmax(dim=-1).gather(-1, top_ids[mask].long()))
+    if temperature != 1.0:
+        teacher = (teacher / temperature).log_softmax(dim=-1)
+        student = (student / temperature).log_softmax(dim=-1)
+    per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)
+    return temperature ** 2 * _mean(per_position)

@@ -18,6 +18,11 @@ channel; pca: the coefficients on the teacher's basis (fit_basis: per layer and 
 principal components of a sample of train KV that keep `variance` of its variance), in fp8
 the same way.
 
+Logits (`logits`, for a teacher whose tokenizer is the student's, when some arm distils from
+it): per token the top-k next-token log-probabilities, their ids and the log of the rest of
+the mass (kava.kvstore), from a full forward with lm_head. Without them the forward stops at
+the last stored layer, as fast as KV alone allows.
+
 On a GPU, each batch's K/V are copied to pinned host memory on a side stream and written into
 the memory-mapped shard by a writer thread while the next batch runs.
 """
@@ -32,15 +37,16 @@ import torch
 from tqdm import tqdm
 
 from kava.align import pruned_from
-from kava.capture import attention_shape, decoder_layers, forward_kv
+from kava.capture import attention_shape, decoder_layers, forward_kv, forward_kv_logits
 from kava.data import rows_sha256
 from kava.distill import layer_map
 from kava.environment import compute_dtype, job_device
 from kava.errors import KavaError
 from kava.io import write_json
-from kava.kvstore import (FORMAT, KINDS, SCALED, STORAGE_DTYPES, ShardWriter, basis_ranks,
-                          build_manifest, quantize_fp8, read_basis, sha256_file, shard_layout,
-                          write_basis)
+from kava.kvstore import (FORMAT, ID_DTYPES, KINDS, LOGIT_DTYPES, SCALED, STORAGE_DTYPES,
+                          ShardWriter, basis_ranks, build_manifest, logits_layout, logits_spec,
+                          quantize_fp8, read_basis, sha256_file, shard_layout, write_basis)
+from kava.losses import with_tail
 from kava.models import load_model, load_tokenizer
 
 # Batches whose K/V are in flight (being copied or written) at once: one being written while
@@ -78,6 +84,20 @@ def tokenizer_identity(tokenizer, model_dir):
     if definition.is_file():
         identity["tokenizer_json_sha256"] = sha256_file(definition)
     return identity
+
+
+def teacher_logits(model, tokenizer, student_dir, teacher, k, dtype):
+    """The logits_spec of a teacher whose logits an arm distils. Its tokenizer must be the
+    student's: the stored ids index the student's vocabulary and its tokens must be the
+    student's, position by position (cross-tokenizer logit KD is not supported)."""
+    from kava.evaluate import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(student_dir)):
+        raise KavaError(f"teacher {teacher}: an arm asks logit KD from it (kd_weight > 0), but "
+                        f"its tokenizer is not the student's; cross-tokenizer KD is not "
+                        f"supported, so set that arm's teachers to ones with the student's "
+                        f"tokenizer")
+    return logits_spec(k, dtype, model.config.vocab_size)
 
 
 def tokenize(tokenizer, rows, max_length, on_too_long, teacher="teacher"):
@@ -139,6 +159,17 @@ def _storage_tensors(kv, valid, dtype, basis=None):
     return out
 
 
+def top_k_tensors(logits, spec):
+    """The stored top-k of a batch's logits [B, T, V] (kava.kvstore's top_logp, top_ids,
+    tail_logp, each [B, T, ...]): log-softmax in float32, then the k largest and the tail
+    bucket exactly as kava.losses.kd_loss builds the student's."""
+    top = logits.float().log_softmax(dim=-1).topk(spec["k"], dim=-1)
+    buckets = with_tail(top.values)
+    return {"top_logp": buckets[..., :-1].to(LOGIT_DTYPES[spec["dtype"]]),
+            "top_ids": top.indices.to(ID_DTYPES[spec["ids"]]),
+            "tail_logp": buckets[..., -1]}
+
+
 def projection(basis, device):
     """The basis file's tensors as the writer applies them: coefficients = x @ project + shift
     (project = basis^T, shift = -mean @ basis^T), on the forward's device."""
@@ -184,10 +215,12 @@ def _write_batch(writer, number, batch, lengths, offsets, host, event):
 
 
 def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_space, dtype,
-                     max_length, on_too_long, batch_tokens, basis=None, progress_label="shard"):
+                     max_length, on_too_long, batch_tokens, basis=None, logits=None,
+                     progress_label="shard"):
     """Write the shard of `rows` ({id, text}) to `path`; return its sidecar record.
     `identity`: teacher, weights_sha256, tokenizer (tokenizer_identity) and compute_dtype.
-    `basis` (pca only): {"path", "sha256", "tensors"} of the teacher's basis file."""
+    `basis` (pca only): {"path", "sha256", "tensors"} of the teacher's basis file.
+    `logits`: kava.kvstore.logits_spec to store the top-k logits too, or None."""
     kept, truncated, skipped = tokenize(tokenizer, rows, max_length, on_too_long,
                                         identity["teacher"])
     lengths = [len(ids) for _, ids, _ in kept]
@@ -198,7 +231,8 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
     kv_shape = attention_shape(modules[layers[0]].self_attn)
     ids = [rows[position]["id"] for position, _, _ in kept]
     record = {**identity, "dtype": dtype, "key_space": key_space, "layers": layers,
-              "kv_shape": list(kv_shape), "max_length": max_length, "on_too_long": on_too_long}
+              "kv_shape": list(kv_shape), "max_length": max_length, "on_too_long": on_too_long,
+              "logits": logits}
     extra = {"format": FORMAT, "ids": ids}
     if (dtype == "pca") != (basis is not None):
         raise KavaError(f"teacher {identity['teacher']}: a basis goes with dtype pca and only "
@@ -213,6 +247,8 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
     batches = length_batches(lengths, batch_tokens)
     layout = shard_layout(len(kept), offsets[-1], layers, kv_shape, dtype, len(batches),
                           basis and basis_ranks(basis["tensors"]))
+    if logits:
+        layout.update(logits_layout(offsets[-1], logits))
     projected = basis and projection(basis["tensors"], device)
     writer = ShardWriter(path, layout, metadata)
     writer.tensors["offsets"].copy_(torch.tensor(offsets))
@@ -229,10 +265,14 @@ def precompute_shard(model, tokenizer, rows, path, *, identity, layers, key_spac
         for number, batch in enumerate(batches):
             input_ids, valid = pad_batch([kept[index][1] for index in batch])
             with torch.inference_mode():
-                kv = forward_kv(model, input_ids.to(device), valid.long().to(device), layers,
-                                key_space)
-                host, event = _to_host(_storage_tensors(kv, valid.to(device), dtype, projected),
-                                       copy_stream)
+                inputs = (model, input_ids.to(device), valid.long().to(device), layers, key_space)
+                if logits:
+                    kv, batch_logits = forward_kv_logits(*inputs)
+                    tensors = top_k_tensors(batch_logits, logits)
+                else:
+                    kv, tensors = forward_kv(*inputs), {}
+                tensors.update(_storage_tensors(kv, valid.to(device), dtype, projected))
+                host, event = _to_host(tensors, copy_stream)
             pending.append(pool.submit(_write_batch, writer, number, batch, lengths, offsets,
                                        host, event))
             while len(pending) >= IN_FLIGHT:

@@ -4,7 +4,8 @@ from kava.cli import json_arg, run_stage, stage_parser
 from kava.config import schema_enum
 from kava.data import read_split
 from kava.io import atomic_path, read_json, remove_stale_temps, write_json
-from kava.precompute import load_basis, load_teacher, precompute_shard, select_layers
+from kava.precompute import (load_basis, load_teacher, precompute_shard, select_layers,
+                             teacher_logits)
 
 
 def stored_layers(args, cfg, teacher):
@@ -31,6 +32,10 @@ def main(args):
     if cfg["dtype"] == "pca":
         basis = load_basis(args.basis, identity=identity, layers=layers, key_space=cfg["key_space"],
                            kv_shape=read_json(args.teacher_dims)["layers"][layers[0]]["k_shape"])
+    logits = None
+    if args.kd_student_card:
+        logits = teacher_logits(model, tokenizer, read_json(args.kd_student_card)["dir"],
+                                card["name"], cfg["logits_k"], cfg["logits_dtype"])
     # A kill -9 skips atomic_path's cleanup; Snakemake never runs two jobs for one shard.
     remove_stale_temps(args.shard_out)
     with atomic_path(args.shard_out) as tmp:
@@ -38,6 +43,7 @@ def main(args):
             model, tokenizer, rows, tmp, identity=identity, layers=layers,
             key_space=cfg["key_space"], dtype=cfg["dtype"], max_length=args.max_length,
             on_too_long=args.on_too_long, batch_tokens=cfg["batch_tokens"], basis=basis,
+            logits=logits,
             progress_label=f"{card['name']} {args.split} shard {args.shard}")
     first_row = args.shard * per_shard
     write_json(args.info, {**record, "path": args.shard_out, "split": args.split,
@@ -55,6 +61,8 @@ if __name__ == "__main__":
     parser.add_argument("--on-too-long", choices=schema_enum("on_too_long"), required=True)
     add_layer_arguments(parser)
     parser.add_argument("--basis", help="the teacher's basis file (precompute.dtype: pca)")
+    parser.add_argument("--kd-student-card",
+                        help="the student's card, for a teacher whose logits an arm distils")
     parser.add_argument("--shard-out", required=True)
     parser.add_argument("--info", required=True, help="the shard's JSON sidecar")
     run_stage(main, parser)

@@ -1,9 +1,9 @@
-"""Stage prepare: the configured data source → data/{train,test}.parquet + data.json."""
+"""Stage prepare: the configured data source → data/{train,validation,test}.parquet + data.json."""
 
 from pathlib import Path
 
 from kava.cli import json_arg, run_stage, stage_parser
-from kava.data import SPLITS, prepare, write_split
+from kava.data import PREPARED, prepare, write_split
 from kava.io import write_json
 
 
@@ -11,10 +11,10 @@ def main(args):
     # Both splits are read and checked before anything is written: a bad test row must not
     # leave a fresh train.parquet behind.
     tables, info = prepare(args.data, env_path=args.env_data_path or None)
-    for split in SPLITS:
+    for split in PREPARED:
         write_split(tables[split], Path(args.out_dir) / f"{split}.parquet")
     write_json(Path(args.out_dir) / "data.json", info)
-    for split in SPLITS:
+    for split in PREPARED:
         print(f"{split}: {info['splits'][split]['rows']} rows from {info['source']}, "
               f"skipped {info['splits'][split]['skipped'] or 'none'}")
 

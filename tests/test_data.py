@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROJECT
-from kava.data import PROMPT_TEMPLATE, check_row, prepare, read_split, rows_sha256
+from kava.data import (PROMPT_TEMPLATE, _table_records, check_row, hold_out, prepare, read_split,
+                       rows_sha256, subset, usable_rows)
 from kava.errors import KavaError
 from kava.synthetic import TEMPLATES, generate
 
@@ -20,8 +21,8 @@ needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(),
 
 
 def config(**overrides):
-    return {"source": "path", "path": None, "train_size": None, "test_size": None, "seed": 0,
-            "on_bad_row": "error", **overrides}
+    return {"source": "path", "path": None, "train_size": None, "validation_size": 0,
+            "test_size": None, "seed": 0, "on_bad_row": "error", **overrides}
 
 
 def row(question="Tom has 2 apples and buys 3. How many?", answer="2+3 = <<2+3=5>>5\n#### 5"):
@@ -216,6 +217,7 @@ def test_prepare_stage_writes_parquet_and_provenance(tmp_path):
     table = pq.read_table(tmp_path / "out" / "train.parquet")
     assert table.column_names == ["id", "question", "answer", "final", "prompt", "text"]
     assert table.num_rows == 6 == info["splits"]["train"]["rows"]
+    assert pq.read_table(tmp_path / "out" / "validation.parquet").num_rows == 0
     assert read_split(tmp_path / "out" / "test.parquet", ("id",), 1, 3) == [
         {"id": "synthetic-test-00001"}, {"id": "synthetic-test-00002"}]
     tables, _ = prepare(data)
@@ -275,3 +277,71 @@ def test_jsonl_in_another_encoding_is_named(tmp_path, encoding, message):
         with pytest.raises(KavaError) as err:
             prepare(config(path=str(folder), on_bad_row=on_bad_row))
         assert str(err.value) == f"{folder}/{message}"
+
+
+# ---- validation rows --------------------------------------------------------------------------
+
+def assert_held_out(tables, info, validation_size):
+    """Validation rows: from the train split, as many as asked, in no train batch or test row."""
+    train, validation, test = ({r["id"] for r in tables[s]} for s in ("train", "validation", "test"))
+    assert len(validation) == validation_size == info["splits"]["validation"]["rows"]
+    assert all(i.split("-")[-2] == "train" for i in validation)
+    assert not validation & train and not validation & test
+    assert {r["question"] for r in tables["validation"]}.isdisjoint(
+        {r["question"] for r in tables["test"]})
+    assert info["splits"]["validation"]["sha256"] == rows_sha256(tables["validation"])
+    assert info["splits"]["validation"]["from"] == "train"
+
+
+@needs_gsm8k
+def test_gsm8k_validation_rows_are_train_rows_held_out_of_training():
+    tables, info = prepare(config(path=str(GSM8K), train_size=20, validation_size=8, test_size=10))
+    assert_held_out(tables, info, 8)
+    # Holding out validation rows leaves the train rows what they were without them.
+    plain, _ = prepare(config(path=str(GSM8K), train_size=20, test_size=10))
+    assert tables["train"] == plain["train"]
+    again, info_again = prepare(config(path=str(GSM8K), train_size=20, validation_size=8,
+                                       test_size=10))
+    assert again == tables and info_again == info
+    other, _ = prepare(config(path=str(GSM8K), train_size=20, validation_size=8, test_size=10,
+                              seed=1))
+    assert {r["id"] for r in other["validation"]} != {r["id"] for r in tables["validation"]}
+    # The validation rows do not move when train_size changes.
+    more, _ = prepare(config(path=str(GSM8K), train_size=40, validation_size=8, test_size=10))
+    assert more["validation"] == tables["validation"]
+
+
+def test_validation_rows_from_a_jsonl_path(tmp_path):
+    questions = [f"Tom has {n} apples and buys 3. How many?" for n in range(12)]
+    folder = write_jsonl(tmp_path / "d", [json.dumps(row(q)) for q in questions])
+    tables, info = prepare(config(path=str(folder), train_size=None, validation_size=4))
+    assert_held_out(tables, info, 4)
+    # train_size null: every train-split row not held out.
+    assert len(tables["train"]) == 8 == info["splits"]["train"]["rows"]
+    assert tables == prepare(config(path=str(folder), validation_size=4))[0]
+    with pytest.raises(KavaError, match="data.validation_size 12: the train split has only 12"):
+        prepare(config(path=str(folder), validation_size=12))
+
+
+def test_validation_rows_from_the_generator():
+    data = config(source="synthetic", train_size=10, validation_size=5, test_size=6, seed=2)
+    tables, info = prepare(data)
+    assert_held_out(tables, info, 5)
+    assert len(tables["train"]) == 10
+    assert tables == prepare(data)[0]
+
+
+def test_hub_rows_hold_out_validation_the_same_way():
+    """The hub is out of reach here; its records come from a datasets.Dataset, which is what
+    the hub path iterates (_hub_splits)."""
+    import datasets
+
+    dataset = datasets.Dataset.from_list([row(f"Tom has {n} apples and buys 3. How many?")
+                                          for n in range(30)])
+    rows, _ = usable_rows(_table_records(dataset, "hub[train]"), "train", "gsm8k", "error")
+    train, validation = hold_out(rows, 10, 6, seed=0)
+    assert len(train) == 10 and len(validation) == 6
+    assert not {r["id"] for r in train} & {r["id"] for r in validation}
+    assert train == subset(rows[:], 10, 0)
+    assert (train, validation) == hold_out(rows, 10, 6, seed=0)
+    assert validation != hold_out(rows, 10, 6, seed=1)[1]

@@ -7,7 +7,7 @@ import torch
 from kava import losses
 from kava.config import schema_defaults
 from kava.errors import KavaError
-from kava.losses import KV_LOSSES, TeacherWeights, masked_cosine
+from kava.losses import KV_LOSSES, TeacherWeights, kd_loss, masked_cosine, with_tail
 
 # Mercator's alpha and beta as a run gets them: the schema's train defaults.
 TRAIN = schema_defaults("train")
@@ -179,3 +179,47 @@ def test_bad_teacher_weights_are_refused():
         TeacherWeights(4, 2, mode="greedy", weights=None)
     with pytest.raises(KavaError, match=r"expected \[n_layers, n_teachers\] = \[4, 2\]"):
         TeacherWeights(4, 2, mode="fixed", weights=None)(torch.ones(2, 4))
+
+
+# ---- logit KD from a stored top-k ----------------------------------------------------------------
+
+def test_kd_loss_is_the_hand_computed_kl_over_top_k_and_tail():
+    # One position, vocabulary 4, teacher top-2 = tokens 2 and 0.
+    student_logits = torch.tensor([[[1.0, 0.0, 2.0, -1.0], [0.0, 0.0, 0.0, 0.0]]])
+    q = [0.6, 0.3]          # teacher p(token 2), p(token 0); tail 0.1
+    top_ids = torch.tensor([[[2, 0], [1, 3]]], dtype=torch.int32)
+    top_logp = torch.tensor([[[math.log(0.6), math.log(0.3)], [-5.0, -5.0]]])
+    tail_logp = torch.tensor([[math.log(0.1), 0.0]])
+    mask = torch.tensor([[True, False]])  # the second position (garbage) is masked out
+    z = [1.0, 0.0, 2.0, -1.0]
+    norm = sum(math.exp(x) for x in z)
+    p = [math.exp(2.0) / norm, math.exp(1.0) / norm]
+    p.append(1 - sum(p))
+    teacher = [*q, 0.1]
+    expected = sum(t * math.log(t / s) for t, s in zip(teacher, p))
+    loss = kd_loss(student_logits, top_ids, top_logp, tail_logp, mask)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # τ = 2: both sides' buckets tempered alike, times τ².
+    tempered = [x ** 0.5 for x in teacher]
+    tempered = [x / sum(tempered) for x in tempered]
+    student_t = [x ** 0.5 for x in p]
+    student_t = [x / sum(student_t) for x in student_t]
+    expected_t = 4 * sum(t * math.log(t / s) for t, s in zip(tempered, student_t))
+    assert kd_loss(student_logits, top_ids, top_logp, tail_logp, mask,
+                   temperature=2.0).item() == pytest.approx(expected_t, rel=1e-4)
+
+
+def test_kd_loss_is_zero_at_the_teacher_and_its_gradient_finite():
+    logits = torch.randn(2, 3, 50)
+    logp = logits.log_softmax(-1)
+    top = logp.topk(8, dim=-1)
+    buckets = with_tail(top.values)
+    student = logits.clone().requires_grad_()
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss = kd_loss(student, top.indices, buckets[..., :-1], buckets[..., -1], mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    (loss + kd_loss(student * 2, top.indices, buckets[..., :-1], buckets[..., -1], mask)).backward()
+    assert torch.isfinite(student.grad).all() and student.grad[0, 2].abs().sum() == 0
+    empty = kd_loss(student, top.indices, buckets[..., :-1], buckets[..., -1],
+                    torch.zeros(2, 3, dtype=torch.bool))
+    assert empty.item() == 0.0

@@ -2,6 +2,7 @@
 offsets, sliding windows, dtypes, layer selection, too-long examples, the stage and resume."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -13,14 +14,15 @@ import torch
 from transformers import DynamicCache
 
 from conftest import PROJECT
-from kava.capture import cache_kv, forward_kv
+from kava.capture import cache_kv, forward_kv, forward_kv_logits
 from kava.data import write_split
 from kava.dims import detect_dims
 from kava.errors import KavaError
 from kava.io import write_json
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, logits_layout, logits_spec
 from kava.models import load_model, load_tokenizer
-from kava.precompute import length_batches, select_layers
+from kava.config import kd_teachers
+from kava.precompute import length_batches, select_layers, teacher_logits
 from test_kvstore import build_store, synthetic_rows
 
 ARCHITECTURES = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text"]
@@ -315,6 +317,36 @@ def test_stage_errors_are_one_line(stage_inputs, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_logit_kd_from_a_teacher_with_another_tokenizer_is_refused(stage_inputs, tmp_path):
+    card = json.loads((stage_inputs / "card.json").read_text())
+    tokenizer = load_tokenizer(card["dir"])
+    assert teacher_logits(load_model(card), tokenizer, card["dir"], "t", 4, "bf16")["k"] == 4
+    tokenizer.add_tokens(["<not the teacher's>"])
+    tokenizer.save_pretrained(tmp_path / "student")
+    (tmp_path / "student.json").write_text(json.dumps({"dir": str(tmp_path / "student")}))
+    out = tmp_path / "out"
+    result = run_stage([*stage_command(stage_inputs, out, logits_k=4, logits_dtype="bf16"),
+                        "--kd-student-card", str(tmp_path / "student.json")])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"kava: error: teacher {card['name']}: an arm asks logit KD from it (kd_weight > 0), but "
+        f"its tokenizer is not the student's; cross-tokenizer KD is not supported, so set that "
+        f"arm's teachers to ones with the student's tokenizer")
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_kd_teachers_are_the_kd_arms_and_need_stored_logits():
+    config = {"teachers": ["a", "b"], "precompute": {"logits_k": 64}, "train": {"kd_weight": 0.0,
+              "teachers": None}, "arms": {"ce": {}, "kd": {"kd_weight": 1.0, "teachers": ["b"]}}}
+    assert kd_teachers(config) == ["b"]
+    config["arms"]["kv_kd"] = {"kd_weight": 0.5}
+    assert kd_teachers(config) == ["a", "b"]
+    config["precompute"]["logits_k"] = 0
+    with pytest.raises(KavaError, match="arms.kd: kd_weight 1.0 distils stored logits, but "
+                                        "precompute.logits_k is 0"):
+        kd_teachers(config)
+
+
 # ---- the real default teachers ----------------------------------------------------------------
 
 def test_real_teachers_on_a_few_examples(real_cards, tmp_path):
@@ -347,3 +379,54 @@ def test_real_teachers_on_a_few_examples(real_cards, tmp_path):
                 k, v = hand_kv(model, example["input_ids"], layer, hidden)
                 torch.testing.assert_close(example["k"][layer], k, atol=1e-4, rtol=1e-3)
                 torch.testing.assert_close(example["v"][layer], v, atol=1e-4, rtol=1e-3)
+
+
+# ---- stored top-k logits ---------------------------------------------------------------------
+
+def test_stored_top_k_logits_equal_hand_computation(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    model = load_model(card)
+    spec = logits_spec(8, "fp32", model.config.vocab_size)
+    assert spec["ids"] == "uint16"
+    store = KVStore(build_store(card, synthetic_rows(5), tmp_path, dtype="fp32", batch_tokens=400,
+                                layers=[0], logits=spec))
+    assert store.manifest["logits"] == spec
+    for i in range(len(store)):
+        example = store.example(i)
+        with torch.no_grad():
+            logits = model(example["input_ids"][None]).logits[0].double()
+        probs = logits.softmax(-1)
+        order = probs.argsort(dim=-1, descending=True)[:, :8]
+        torch.testing.assert_close(example["top_ids"], order)
+        top = probs.gather(-1, order)
+        torch.testing.assert_close(example["top_logp"].double(), top.log(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(example["tail_logp"].double(), (1 - top.sum(-1)).log(),
+                                   atol=1e-5, rtol=1e-4)
+    # The KV is the same as without logits: only the forward's extent differs.
+    plain = KVStore(build_store(card, synthetic_rows(5), tmp_path / "plain", dtype="fp32",
+                                batch_tokens=400, layers=[0]))
+    assert plain.logits is None and "top_ids" not in plain.example(0)
+    torch.testing.assert_close(plain.example(2)["k"][0], store.example(2)["k"][0])
+
+
+def test_logit_store_round_trips_its_compact_dtypes(tiny_card, tmp_path):
+    card = tiny_card("llama")
+    spec = logits_spec(4, "bf16", 300)
+    manifest = build_store(card, synthetic_rows(3), tmp_path, layers=[1], logits=spec)
+    example = KVStore(manifest).example(1)
+    assert example["top_logp"].dtype == torch.bfloat16 and example["top_ids"].dtype == torch.int64
+    assert example["tail_logp"].dtype == torch.float32
+    assert bool((example["top_logp"][:, :-1] >= example["top_logp"][:, 1:]).all())
+    assert logits_spec(64, "bf16", 262144)["ids"] == "int32"
+    # bytes per token of the logits: k·(2 + 2) + 4 at bf16 and uint16 ids.
+    layout = logits_layout(10, logits_spec(64, "bf16", 49152))
+    assert sum(d.itemsize * math.prod(s) for d, s in layout.values()) / 10 == 260
+
+
+def test_forward_kv_logits_runs_the_whole_model(tiny_card):
+    model = load_model(tiny_card("llama"))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        kv, logits = forward_kv_logits(model, ids, torch.ones_like(ids), [0])
+        torch.testing.assert_close(logits, model(ids).logits)
+        torch.testing.assert_close(kv[0][0], forward_kv(model, ids, torch.ones_like(ids), [0])[0][0])

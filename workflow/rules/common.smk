@@ -94,7 +94,7 @@ if workflow.is_main_process:
 SPLITS = ["train", "test"]
 # The keys of `data` that decide which rows are prepared (max_length and on_too_long act per
 # teacher, at precompute): changing only those must not redo the data and everything after it.
-PREPARE_KEYS = ["source", "path", "train_size", "test_size", "seed", "on_bad_row"]
+PREPARE_KEYS = ["source", "path", "train_size", "validation_size", "test_size", "seed", "on_bad_row"]
 
 
 # ---- teacher KV (precompute.smk) ---------------------------------------------
@@ -116,9 +116,16 @@ MAPPED = config["precompute"]["layers"] == "mapped"
 
 def student_card(wildcards):
     """The student (its depth, and the teacher layers a pruned one keeps) matters only to
-    precompute.layers: mapped; depending on it otherwise would redo every teacher's KV whenever
-    the student changes."""
-    return [card(config["student"])] if MAPPED else []
+    precompute.layers: mapped, and (its tokenizer) to a teacher whose logits an arm distils;
+    depending on it otherwise would redo every teacher's KV whenever the student changes."""
+    return [card(config["student"])] if MAPPED or wildcards.teacher in KD_TEACHERS else []
+
+
+def logits_arguments(wildcards, input):
+    """--kd-student-card for a teacher whose logits an arm distils: only then are they stored."""
+    if wildcards.teacher not in KD_TEACHERS:
+        return ""
+    return path_arg("--kd-student-card", input.student_card)
 
 
 def layer_arguments(wildcards, input):

@@ -1,8 +1,9 @@
 checkpoint prepare:
-    """The configured data source → data/{train,test}.parquet + data.json (source, row hashes,
+    """The configured data source → data/{train,validation,test}.parquet + data.json (source, row hashes,
     skipped rows). A checkpoint: the number of precompute shards follows the rows it wrote."""
     output:
         train=f"{RESULTS}/data/train.parquet",
+        validation=f"{RESULTS}/data/validation.parquet",
         test=f"{RESULTS}/data/test.parquet",
         info=f"{RESULTS}/data/data.json",
     params:

@@ -43,6 +43,7 @@ rule precompute:
         on_too_long=config["data"]["on_too_long"],
         layer_arguments=layer_arguments,
         basis=lambda w, input: path_arg("--basis", input.basis),
+        logits=logits_arguments,
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:
@@ -55,7 +56,7 @@ rule precompute:
         "--data {input.data:q} --split {wildcards.split} --shard {wildcards.shard} "
         "--precompute {params.precompute:q} --max-length {params.max_length} "
         "--on-too-long {params.on_too_long} --teacher-dims {input.teacher_dims:q} "
-        "{params.layer_arguments} {params.basis} --shard-out {output.shard:q} "
+        "{params.layer_arguments} {params.basis} {params.logits} --shard-out {output.shard:q} "
         "--info {output.info:q} > {log:q} 2>&1"
 
 

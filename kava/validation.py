@@ -1,0 +1,59 @@
+"""Step selection on the validation rows (data.validation_size): every arm scores its answer NLL
+on them every eval_every steps and keeps the weights of its best step, so each arm is judged at
+its own best point (early stopping) rather than wherever a fixed step count leaves it.
+
+The score is the evaluate stage's answer NLL (kava.evaluate.answer_nll, fp32, prompt split at
+the word boundary), so a validation number means what a test number means.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from kava.errors import KavaError
+from kava.evaluate import answer_nll, at_word_boundary
+
+
+def validation_nll(model, tokenizer, rows, batch_size):
+    """Mean answer NLL (nats/token, the mean of the per-example means, as eval's "nll") of
+    `model` on `rows` ({prompt, answer}). Leaves the model in the mode it was found in."""
+    if not rows:
+        raise KavaError("no validation rows to score: data.validation_size is 0")
+    was_training = model.training
+    prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
+    try:
+        # Outside any autocast the train loop runs in: scored in the weights' own fp32.
+        with torch.autocast(next(model.parameters()).device.type, enabled=False):
+            return float(np.mean(answer_nll(model, tokenizer, list(prompts), list(answers),
+                                            batch_size)))
+    finally:
+        model.train(was_training)
+
+
+class BestStep:
+    """The validation curve and the weights of its lowest point.
+
+    record(step, nll, model) after each scoring; a step is best only when strictly lower than
+    every earlier one (a tie keeps the earlier, shorter-trained step), and a non-finite NLL is
+    never best. The best weights are a CPU copy of the state_dict, so later steps cannot move
+    them."""
+
+    def __init__(self):
+        self.curve = []
+        self.best_step, self.best_nll, self.best_weights = None, math.inf, None
+
+    def record(self, step, nll, model):
+        """Add (step, nll); returns whether this step is the new best."""
+        self.curve.append((step, nll))
+        if not nll < self.best_nll:
+            return False
+        self.best_step, self.best_nll = step, nll
+        self.best_weights = {name: tensor.detach().to("cpu", copy=True)
+                             for name, tensor in model.state_dict().items()}
+        return True
+
+    def summary(self):
+        """For train.json and the report: the curve and the chosen step."""
+        return {"curve": [{"step": step, "nll": nll} for step, nll in self.curve],
+                "best_step": self.best_step, "best_nll": self.best_nll if self.curve else None}
