@@ -20,7 +20,8 @@ from kava.synthetic import generate
 from test_kvstore import build_store
 
 EVAL = {"max_new_tokens": 6, "batch_size": 8, "dtype": "fp32", "generate_examples": None,
-        "probe_examples": 8, "probe_ridge": 1e-6, "stop": ["\nQuestion:"]}
+        "probe_examples": 8, "probe_ridge": 1e-6, "stop": ["\nQuestion:"],
+        "noise_examples": 3}
 
 
 def prepared_rows(n, split="test"):
@@ -248,6 +249,7 @@ def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
     assert list(record["kv_r2"]["per_teacher"]) == [card["name"]]
     assert 0 <= record["nll_noise"]["max_abs"] < 1e-3
     assert record["nll_noise"]["mean_abs"] <= record["nll_noise"]["max_abs"]
+    assert record["nll_noise"]["examples"] == 3  # eval.noise_examples of the 5
     # generate_examples 2: NLL of all 5 examples, accuracy of the first 2.
     assert len(record["per_example"]["nll"]) == 5 and len(record["per_example"]["correct"]) == 2
     assert "probe R²" in result.stdout
