@@ -34,17 +34,22 @@ from kava.io import read_json
 from kava.models import load_model, load_tokenizer
 
 
-def one_off_nll(model, tokenizer, prompts, answers, batch_size):
-    """Answer NLL as a one-off script computes it: joined text, tokenizer padding, full logits."""
+def left_padded(tokenizer, texts):
+    """A batch as a one-off script pads it: the tokenizer's own left padding."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(list(texts), return_tensors="pt", padding=True)
+
+
+def one_off_nll(model, tokenizer, prompts, answers, batch_size):
+    """Answer NLL as a one-off script computes it: joined text, tokenizer padding, full logits."""
     nlls = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             texts = [p + a for p, a in zip(prompts[start:start + batch_size],
                                            answers[start:start + batch_size])]
-            enc = tokenizer(texts, return_tensors="pt", padding=True)
+            enc = left_padded(tokenizer, texts)
             n_answer = [len(tokenizer(a, add_special_tokens=False)["input_ids"])
                         for a in answers[start:start + batch_size]]
             logits = model(**enc).logits[:, :-1].float()
@@ -55,14 +60,10 @@ def one_off_nll(model, tokenizer, prompts, answers, batch_size):
 
 
 def one_off_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop):
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     texts = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
-                            padding=True)
+            enc = left_padded(tokenizer, prompts[start:start + batch_size])
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  stop_strings=list(stop) or None, tokenizer=tokenizer)
