@@ -271,7 +271,7 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
 
     projectors: {teacher: KVProjector} as trained; train_info: the run's train.json (key space,
     time alignment, layer maps)."""
-    from kava.kvfit import kv_cosine, kv_probe_r2
+    from kava.kvfit import heldout_scores
 
     device = next(student.parameters()).device
     test_stores = teacher_stores(test_manifests, list(probe_maps), train_info)
@@ -279,14 +279,10 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
     # A kv_shuffled arm read other examples' KV in training; held out, every arm is measured
     # against each example's own teacher KV.
-    alignment = train_info["config"]["time_alignment"]
-    cosine = kv_cosine(student, projectors, {name: test_stores[name] for name in projectors},
-                       test_rows, tokenizer, max_length, batch_size,
-                       key_space=train_info["key_space"], time_alignment=alignment)
-    r2 = kv_probe_r2(student, tokenizer, train_stores, test_stores, probe_maps, train_rows,
-                     test_rows, max_length, batch_size, probe_ridge,
-                     key_space=train_info["key_space"], time_alignment=alignment)
-    return {"cosine": cosine, "r2": r2}
+    return heldout_scores(student, tokenizer, projectors, train_stores, test_stores, probe_maps,
+                          train_rows, test_rows, max_length, batch_size, probe_ridge,
+                          key_space=train_info["key_space"],
+                          time_alignment=train_info["config"]["time_alignment"])
 
 
 def prediction_lines(record, questions):
