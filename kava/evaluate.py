@@ -68,21 +68,24 @@ def _cut_at_stop(text, stop):
 
 
 class AnswerLineStop(StoppingCriteria):
-    """Finish a sequence once its continuation holds a complete `#### <number>` line, or any of
-    the `stop` strings. GSM8K answers end there; without this a base model keeps writing the
-    next question until max_new_tokens, which is most of the evaluation time on CPU.
-    Per-sequence, so a batch stops each row exactly where that row alone would."""
+    """Finish a sequence once its continuation holds a complete `#### <number>` line. GSM8K
+    answers end there; without this a base model keeps writing the next question until
+    max_new_tokens, which is most of the evaluation time on CPU. Per-sequence, so a batch stops
+    each row exactly where that row alone would.
 
-    def __init__(self, tokenizer, prompt_width, stop=()):
+    Such a line is complete only at a token holding a newline, so each step decodes the newest
+    token alone and the continuation only of the rows whose newest token holds one: decoding
+    every continuation at every step cost time quadratic in its length."""
+
+    def __init__(self, tokenizer, prompt_width):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
-        self.stop = tuple(stop)
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:],
-                                            skip_special_tokens=True)
-        done = [ANSWER_LINE.search(text) is not None or any(s in text for s in self.stop)
-                for text in texts]
+        newest = self.tokenizer.batch_decode(input_ids[:, -1:], skip_special_tokens=True)
+        done = [("\n" in token and ANSWER_LINE.search(self.tokenizer.decode(
+                    input_ids[row, self.prompt_width:], skip_special_tokens=True)) is not None)
+                for row, token in enumerate(newest)]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -94,7 +97,12 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     only used to encode/decode, its padding settings are never touched. A row stops at eos, at a
     finished `#### <number>` line, at any of the `stop` strings (which are cut off the text, e.g.
     "\nQuestion:" when a base model starts the next question), or after max_new_tokens. Puts the
-    model in eval mode."""
+    model in eval mode.
+
+    The stop strings go to transformers' own StopStringCriteria (generate's `stop_strings`). It
+    matches a stop string ending in the newest token, which may begin in the prompt; a prompt
+    that ends in the start of a stop string would stop there, which kava's prompts (ending in
+    "Answer:", at_word_boundary) cannot."""
     if not prompts:
         raise KavaError("no prompts to generate from: the prompt list is empty")
     model.eval()
@@ -107,8 +115,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                 pad_token_id=pad, eos_token_id=eos or None,
-                stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1],
-                                                                       stop)]))
+                stop_strings=list(stop) or None, tokenizer=tokenizer,
+                stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1])]))
             for row, i in enumerate(batch):
                 new = out[row, ids.shape[1]:].tolist()
                 # Cut at the first eos: after it the row holds pads, which need not be special.
@@ -263,7 +271,7 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
 
     projectors: {teacher: KVProjector} as trained; train_info: the run's train.json (key space,
     time alignment, layer maps)."""
-    from kava.kvfit import kv_cosine, kv_probe_r2
+    from kava.kvfit import heldout_scores
 
     device = next(student.parameters()).device
     test_stores = teacher_stores(test_manifests, list(probe_maps), train_info)
@@ -271,14 +279,10 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
     # A kv_shuffled arm read other examples' KV in training; held out, every arm is measured
     # against each example's own teacher KV.
-    alignment = train_info["config"]["time_alignment"]
-    cosine = kv_cosine(student, projectors, {name: test_stores[name] for name in projectors},
-                       test_rows, tokenizer, max_length, batch_size,
-                       key_space=train_info["key_space"], time_alignment=alignment)
-    r2 = kv_probe_r2(student, tokenizer, train_stores, test_stores, probe_maps, train_rows,
-                     test_rows, max_length, batch_size, probe_ridge,
-                     key_space=train_info["key_space"], time_alignment=alignment)
-    return {"cosine": cosine, "r2": r2}
+    return heldout_scores(student, tokenizer, projectors, train_stores, test_stores, probe_maps,
+                          train_rows, test_rows, max_length, batch_size, probe_ridge,
+                          key_space=train_info["key_space"],
+                          time_alignment=train_info["config"]["time_alignment"])
 
 
 def prediction_lines(record, questions):

@@ -39,6 +39,71 @@ def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_
         yield student_kv, batch
 
 
+def _summary(per_layer):
+    """{"overall", "per_teacher", "per_layer"} of per-layer scores, the shape eval_record takes."""
+    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
+    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
+            "per_layer": per_layer}
+
+
+class _Cosines:
+    """Raw cosine sums per teacher and student layer, compared as in training (one side
+    projected), weighted by valid tokens."""
+
+    def __init__(self, student, projectors):
+        self.projectors = projectors
+        self.sums = {name: torch.zeros(len(decoder_layers(student)), dtype=torch.float64)
+                     for name in projectors}
+        self.counts = dict.fromkeys(projectors, 0)
+
+    def add(self, student_kv, batch):
+        for name, projector in self.projectors.items():
+            targets = batch.teachers[name]
+            n_valid = int(targets.mask.sum())
+            pred, target = compared_pairs(projector, student_kv, targets.kv)
+            for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred, target)):
+                cos = (masked_cosine(pk, tk, targets.mask) + masked_cosine(pv, tv, targets.mask)) / 2
+                self.sums[name][layer] += float(cos) * n_valid
+            self.counts[name] += n_valid
+
+    def scores(self):
+        return _summary({name: (self.sums[name] / max(self.counts[name], 1)).tolist()
+                         for name in self.projectors})
+
+
+class _ProbeTokens:
+    """{teacher: {(student layer, 0 for K / 1 for V): (student `[N, Hs·Ds]`, teacher `[N, Ht·Dt]`)}}
+    over the valid tokens of the batches added."""
+
+    def __init__(self, layer_maps):
+        self.layer_maps = layer_maps
+        self.chunks = {name: {} for name in layer_maps}
+
+    def add(self, student_kv, batch):
+        for name, mapping in self.layer_maps.items():
+            targets = batch.teachers[name]
+            for layer, teacher_layer in enumerate(mapping):
+                for which in (0, 1):
+                    x = student_kv[layer][which][targets.mask].flatten(1).float().cpu()
+                    y = targets.kv[teacher_layer][which][targets.mask].flatten(1).float().cpu()
+                    self.chunks[name].setdefault((layer, which), []).append((x, y))
+
+    def tensors(self):
+        return {name: {key: (torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]))
+                       for key, parts in per_teacher.items()}
+                for name, per_teacher in self.chunks.items()}
+
+
+def _collect(accumulators, student, stores, layers, rows, tokenizer, max_length, batch_size,
+             key_space, time_alignment):
+    """One pass over `rows` (aligned_batches), every batch given to each accumulator."""
+    for student_kv, batch in aligned_batches(student, stores, layers, rows, tokenizer, max_length,
+                                             batch_size, key_space, time_alignment):
+        for accumulator in accumulators:
+            accumulator.add(student_kv, batch)
+    return accumulators
+
+
 @torch.no_grad()
 def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_size, key_space,
               time_alignment):
@@ -48,55 +113,16 @@ def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_si
 
     stores: {teacher: KVStore}. Returns {"overall", "per_teacher": {t: float},
     "per_layer": {t: [float per student layer]}}, the shape kava.evaluate.eval_record takes."""
-    sums = {name: torch.zeros(len(decoder_layers(student)), dtype=torch.float64)
-            for name in projectors}
-    counts = dict.fromkeys(projectors, 0)
     layers = {name: sorted(set(projector.layer_map)) for name, projector in projectors.items()}
-    for student_kv, batch in aligned_batches(student, {n: stores[n] for n in projectors}, layers,
-                                             rows, tokenizer, max_length, batch_size, key_space,
-                                             time_alignment):
-        for name, projector in projectors.items():
-            targets = batch.teachers[name]
-            n_valid = int(targets.mask.sum())
-            pred, target = compared_pairs(projector, student_kv, targets.kv)
-            for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred, target)):
-                cos = (masked_cosine(pk, tk, targets.mask) + masked_cosine(pv, tv, targets.mask)) / 2
-                sums[name][layer] += float(cos) * n_valid
-            counts[name] += n_valid
-    per_layer = {name: (sums[name] / max(counts[name], 1)).tolist() for name in projectors}
-    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
-    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
-            "per_layer": per_layer}
+    cosines, = _collect([_Cosines(student, projectors)], student,
+                        {n: stores[n] for n in projectors}, layers, rows, tokenizer, max_length,
+                        batch_size, key_space, time_alignment)
+    return cosines.scores()
 
 
-def _probe_data(student, stores, layer_maps, rows, tokenizer, max_length, batch_size, key_space,
-                time_alignment):
-    """{teacher: {(student layer, 0 for K / 1 for V): (student `[N, Hs·Ds]`, teacher `[N, Ht·Dt]`)}}
-    over the valid tokens of `rows`."""
-    layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
-    chunks = {name: {} for name in stores}
-    for student_kv, batch in aligned_batches(student, stores, layers, rows, tokenizer, max_length,
-                                             batch_size, key_space, time_alignment):
-        for name, mapping in layer_maps.items():
-            targets = batch.teachers[name]
-            for layer, teacher_layer in enumerate(mapping):
-                for which in (0, 1):
-                    x = student_kv[layer][which][targets.mask].flatten(1).float().cpu()
-                    y = targets.kv[teacher_layer][which][targets.mask].flatten(1).float().cpu()
-                    chunks[name].setdefault((layer, which), []).append((x, y))
-    return {name: {key: (torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]))
-                   for key, parts in per_teacher.items()}
-            for name, per_teacher in chunks.items()}
-
-
-def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows, test_rows,
-                max_length, batch_size, ridge, key_space, time_alignment):
-    """Held-out R² of a ridge probe from the student's KV to each teacher's (module docstring),
-    per teacher and student layer, the mean of K and V. layer_maps: {teacher: [teacher layer per
-    student layer]}. Returns {"overall", "per_teacher", "per_layer"} like kv_cosine."""
-    args = (max_length, batch_size, key_space, time_alignment)
-    fit = _probe_data(student, train_stores, layer_maps, train_rows, tokenizer, *args)
-    held_out = _probe_data(student, test_stores, layer_maps, test_rows, tokenizer, *args)
+def _probe_r2(fit, held_out, layer_maps, ridge):
+    """Held-out R² per teacher and student layer (the mean of K and V) of ridge probes fitted
+    on `fit` and scored on `held_out` (_ProbeTokens.tensors)."""
     per_layer = {}
     for name, mapping in layer_maps.items():
         scores = []
@@ -113,9 +139,46 @@ def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train
                 r2.append(float(1 - sse / baseline.clamp_min(1e-30)))
             scores.append(sum(r2) / 2)
         per_layer[name] = scores
-    per_teacher = {name: sum(values) / len(values) for name, values in per_layer.items()}
-    return {"overall": sum(per_teacher.values()) / len(per_teacher), "per_teacher": per_teacher,
-            "per_layer": per_layer}
+    return _summary(per_layer)
+
+
+def _probe_fit(student, tokenizer, train_stores, layer_maps, train_rows, *args):
+    layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
+    probe, = _collect([_ProbeTokens(layer_maps)], student, train_stores, layers, train_rows,
+                      tokenizer, *args)
+    return probe.tensors()
+
+
+@torch.no_grad()
+def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train_rows, test_rows,
+                max_length, batch_size, ridge, key_space, time_alignment):
+    """Held-out R² of a ridge probe from the student's KV to each teacher's (module docstring),
+    per teacher and student layer, the mean of K and V. layer_maps: {teacher: [teacher layer per
+    student layer]}. Returns {"overall", "per_teacher", "per_layer"} like kv_cosine."""
+    args = (max_length, batch_size, key_space, time_alignment)
+    fit = _probe_fit(student, tokenizer, train_stores, layer_maps, train_rows, *args)
+    layers = {name: sorted(set(m)) for name, m in layer_maps.items()}
+    held_out, = _collect([_ProbeTokens(layer_maps)], student, test_stores, layers, test_rows,
+                         tokenizer, *args)
+    return _probe_r2(fit, held_out.tensors(), layer_maps, ridge)
+
+
+@torch.no_grad()
+def heldout_scores(student, tokenizer, projectors, train_stores, test_stores, layer_maps,
+                   train_rows, test_rows, max_length, batch_size, ridge, key_space,
+                   time_alignment):
+    """{"cosine": kv_cosine on the projectors' teachers, "r2": kv_probe_r2 on every teacher of
+    `layer_maps`}, with one pass of the student over the test rows for both (the evaluation's
+    held-out KV fit; two passes were a sizeable part of an evaluation's time)."""
+    args = (max_length, batch_size, key_space, time_alignment)
+    fit = _probe_fit(student, tokenizer, train_stores, layer_maps, train_rows, *args)
+    layers = {name: sorted(set(layer_maps[name]) | set(projectors[name].layer_map
+                                                       if name in projectors else ()))
+              for name in layer_maps}
+    cosines, held_out = _collect([_Cosines(student, projectors), _ProbeTokens(layer_maps)],
+                                 student, test_stores, layers, test_rows, tokenizer, *args)
+    return {"cosine": cosines.scores(),
+            "r2": _probe_r2(fit, held_out.tensors(), layer_maps, ridge)}
 
 
 @torch.no_grad()

@@ -41,9 +41,10 @@ def main(args):
     if args.projector:
         # The evaluation's own numerical noise: the same fp32 NLL computed one example at a
         # time (other padding, other kernels) differs from the batched one by this much.
-        alone = answer_nll(model, tokenizer, prompts, answers, 1)
+        checked = min(cfg["noise_examples"], len(rows))
+        alone = answer_nll(model, tokenizer, prompts[:checked], answers[:checked], 1)
         gaps = [abs(a - b) for a, b in zip(nlls, alone)]
-        noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps)}
+        noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps), "examples": checked}
         train_rows = read_split(args.train_data, ("id", "prompt", "text"), 0,
                                 cfg["probe_examples"])
         train_info = read_json(args.train_info)

@@ -20,7 +20,8 @@ from kava.synthetic import generate
 from test_kvstore import build_store
 
 EVAL = {"max_new_tokens": 6, "batch_size": 8, "dtype": "fp32", "generate_examples": None,
-        "probe_examples": 8, "probe_ridge": 1e-6, "stop": ["\nQuestion:"]}
+        "probe_examples": 8, "probe_ridge": 1e-6, "stop": ["\nQuestion:"],
+        "noise_examples": 3}
 
 
 def prepared_rows(n, split="test"):
@@ -209,6 +210,32 @@ def test_heldout_probe_r2_of_another_student_is_below_one(self_store, tiny_card)
     assert shrunk["per_layer"][card["name"]] == pytest.approx([0.0] * n, abs=0.05)
 
 
+def test_heldout_one_pass_equals_the_cosine_and_probe_alone(self_store, tiny_card):
+    """heldout_kv scores cosine and probe in one pass over the test rows: the same numbers as
+    kv_cosine and kv_probe_r2, each with its own pass."""
+    from kava.kvfit import kv_cosine, kv_probe_r2
+    from kava.kvstore import KVStore
+
+    card, splits = self_store
+    other = tiny_card("llama", seed=1)
+    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="linear",
+                            hidden=512, direction="teacher_to_student")
+    both = heldout(other, card, splits, projector)
+    model, tokenizer = load_model(other), load_tokenizer(other["dir"])
+    (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
+    stores = {card["name"]: KVStore(test_manifest)}
+    layer_maps = {card["name"]: projector.layer_map}
+    args = dict(key_space="pre_rope", time_alignment=train_info(card)["config"]["time_alignment"])
+    cosine = kv_cosine(model, {card["name"]: projector.eval()}, stores, test_rows, tokenizer,
+                       1024, 2, **args)
+    r2 = kv_probe_r2(model, tokenizer, {card["name"]: KVStore(train_manifest)}, stores,
+                     layer_maps, train_rows, test_rows, 1024, 2, 1e-6, **args)
+    for name, alone in (("cosine", cosine), ("r2", r2)):
+        assert both[name]["per_layer"][card["name"]] == pytest.approx(
+            alone["per_layer"][card["name"]], abs=1e-6)
+    assert r2["overall"] < 0.99  # another student: a probe that can fail
+
+
 def test_heldout_kv_refuses_a_store_of_other_weights(self_store):
     card, splits = self_store
     other = {**card, "weights_sha256": "0" * 64}
@@ -248,6 +275,7 @@ def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
     assert list(record["kv_r2"]["per_teacher"]) == [card["name"]]
     assert 0 <= record["nll_noise"]["max_abs"] < 1e-3
     assert record["nll_noise"]["mean_abs"] <= record["nll_noise"]["max_abs"]
+    assert record["nll_noise"]["examples"] == 3  # eval.noise_examples of the 5
     # generate_examples 2: NLL of all 5 examples, accuracy of the first 2.
     assert len(record["per_example"]["nll"]) == 5 and len(record["per_example"]["correct"]) == 2
     assert "probe R²" in result.stdout

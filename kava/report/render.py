@@ -194,7 +194,7 @@ def _ab_section(summary):
                                              arm, reference))
     noises = [m["nll_noise_max"] for m in summary["models"].values() if m.get("nll_noise_max")]
     noise = (f" Answer NLL is evaluated in fp32; the same NLL computed one example at a time "
-             f"instead of in batches differs by at most {max(noises):.2g} nats/token on any "
+             f"instead of in batches differs by at most {max(noises):.2g} nats/token on any checked "
              f"example, the evaluation's own numerical noise." if noises else "")
     if not rows:
         rows.append([NA, control, *[NA] * 9, "no arm besides the control"])

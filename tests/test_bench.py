@@ -1,0 +1,32 @@
+"""The benchmarks' CPU modes run end to end, so the scripts cannot rot before a GPU runs them."""
+
+import json
+import subprocess
+import sys
+
+from conftest import PROJECT
+
+
+def last_json_line(command):
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_bench_tiny_prints_every_part():
+    figures = last_json_line(["sh", "bench/gpu.sh", "--tiny"])
+    assert figures["bench"] == "gpu"
+    assert figures["precompute"]["tokens"] > 0 and figures["precompute"]["tokens_per_s"] > 0
+    assert figures["train_step"]["tokens_per_step"] > 0 and figures["train_step"]["step_s"] > 0
+    # No GPU here: no peak to divide by, no nf4.
+    assert figures["peak_bf16_flops"] is None and figures["precompute"]["mfu"] is None
+    assert figures["nf4_precompute"] is None
+    assert set(figures["evaluate"]) == {"nll", "noise_check", "generate"}
+
+
+def test_evaluate_bench_tiny_compares_with_a_one_off_script():
+    figures = last_json_line([sys.executable, "-m", "bench.evaluate", "--tiny", "--examples",
+                              "3", "--repeats", "1"])
+    for part in ("nll", "noise_check", "generate"):
+        assert figures["parts"][part]["kava_s"] > 0 and figures["parts"][part]["other_s"] > 0
+    assert "stage" not in figures  # no --baseline-repo
