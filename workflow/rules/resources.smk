@@ -11,10 +11,13 @@ if detect_scheduler()[0] == "slurm":
 
 
 def slurm_requests():
-    """Per rule, what its SLURM jobs ask for: --cpus-per-task (cpus_per_task, else threads) and
-    --mem (mem_mb). A value computed per job (a function) is not known before the DAG runs."""
+    """What the jobs of each submitted rule ask SLURM for (local rules run in this process),
+    --cpus-per-task (cpus_per_task, else threads) and --mem (mem_mb). A value computed per job
+    (a function) is not known before the DAG runs."""
     requests = {}
     for definition in workflow.rules:
+        if workflow.is_local(definition):
+            continue
         known = {name: resource.value for name, resource in definition.resources.items()
                  if not resource.is_evaluable()}
         requests[definition.name] = {"cpus": known.get("cpus_per_task") or known.get("_cores", 1),
