@@ -21,8 +21,8 @@ test: $(STAMP) slurm
 slurm:
 	bash tests/slurm/start-local-slurm.sh
 
-$(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
+$(STAMP): workflow/envs/requirements.txt workflow/envs/requirements-nodeps.txt
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.txt
-	$(VENV)/bin/python -m pip install --quiet --no-deps -r envs/requirements-nodeps.txt
+	$(VENV)/bin/python -m pip install --quiet -r workflow/envs/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r workflow/envs/requirements-nodeps.txt
 	touch $@

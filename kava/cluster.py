@@ -2,7 +2,7 @@
 workflow process it runs. Each problem is one line naming its culprit, so a run that would
 sit in the queue forever, or fail in its first job, stops at once instead.
 
-Knows nothing about Snakemake: the workflow passes plain values (see workflow/rules/common.smk).
+Knows nothing about Snakemake: the workflow passes plain values (see workflow/rules/resources.smk).
 """
 
 import os

@@ -95,3 +95,33 @@ def _home(key):
     homes += [f"{name}.{key}" for name, spec in sections.items()
               if key in spec.get("properties", {})]
     return f" (set {' or '.join(homes)} for the whole run)" if homes else ""
+
+
+def evaluated_teachers(config):
+    """The teachers eval.teachers asks to evaluate (true: all of them)."""
+    named = config["eval"]["teachers"]
+    named = config["teachers"] if named is True else named or []
+    for teacher in named:
+        if teacher not in config["teachers"]:
+            raise KavaError(f"config: eval.teachers names '{teacher}', which is not a teacher "
+                            f"({', '.join(config['teachers'])})")
+    return list(named)
+
+
+def check_contrasts(config, arms):
+    """report.contrasts compares arms of this run only: a name that is none would otherwise
+    fail the report, after every training job has run."""
+    for pair in config["report"]["contrasts"]:
+        for name in pair:
+            if name not in arms:
+                raise KavaError(f"config: report.contrasts names arm '{name}', which this run "
+                                f"does not have ({', '.join(arms)})")
+
+
+def cross_checked(config):
+    """Every check across config keys, made at once when the workflow is parsed (before any job):
+    {"models": used_models, "arms": arm_configs, "eval_teachers": evaluated_teachers}."""
+    arms = arm_configs(config)
+    check_contrasts(config, arms)
+    return {"models": used_models(config), "arms": arms,
+            "eval_teachers": evaluated_teachers(config)}

@@ -63,6 +63,22 @@ def test_undefined_teacher_is_named(tmp_path):
     assert result.returncode != 0 and "'qwen_big' is named as a teacher" in result.output
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(report={"contrasts": [["kv", "kv_shufled"]]}),
+     "kava: error: config: report.contrasts names arm 'kv_shufled', which this run does not have "
+     "(ce, kv)"),
+    (lambda c: c.setdefault("eval", {}).update(teachers=["student"]),
+     "kava: error: config: eval.teachers names 'student', which is not a teacher (teacher_llama, "
+     "teacher_gemma)"),
+])
+def test_a_config_cross_check_fails_before_any_job(tmp_path, change, message):
+    """Names that refer to each other are checked when the workflow is parsed, so a bad one
+    stops a dry run, not the report after every training job."""
+    result = snakemake("-n", "--profile", "profiles/local", "--configfile",
+                       str(write_config(tmp_path, change)))
+    assert result.returncode != 0 and message in result.output, result.output[-2000:]
+
+
 def test_slurm_dry_run_maps_gpu_rules_to_gpus(tmp_path):
     result = snakemake("-n", "--profile", "profiles/slurm",
                        env={"KAVA_SLURM_ACCOUNT": "acct", "KAVA_SLURM_PARTITION": "gpu",
@@ -77,6 +93,7 @@ def test_slurm_dry_run_maps_gpu_rules_to_gpus(tmp_path):
             jobs.setdefault(rule, set()).add(line)
     assert all("gpu=1" in res for res in jobs["dims"]) and all("gpu=1" in r for r in jobs["probe"])
     assert not any("gpu=" in res for res in jobs["materialize"]) and not any("gpu=" in r for r in jobs["report"])
+    assert not any("gpu=" in res for res in jobs["kv_manifest"])
     assert all("gpu=1" in res for res in jobs["evaluate"])
     assert all("slurm_account=acct" in res and "slurm_partition=gpu" in res
                for lines in jobs.values() for res in lines)

@@ -1,13 +1,76 @@
-import shlex
-
 # The globals and input functions of every rule file live here, so the rule files hold rules
-# only and their include order does not matter.
+# only and their include order does not matter. The override refusals and a SLURM run's own
+# needs are in resources.smk.
+import json
+import re
+import shlex
+from pathlib import Path
 
-# Paths every rule agrees on. A rule's log and benchmark live beside the results of its run.
+from snakemake.exceptions import WorkflowError
+
+from kava.config import cross_checked, kd_teachers
+from kava.errors import KavaError
+from kava.paths import run_paths
+
+try:
+    # Each training arm's own train config is the train section with the arm's overrides.
+    CHECKED = cross_checked(config)
+except KavaError as err:
+    raise WorkflowError(f"kava: error: {err}") from None
+MODELS = CHECKED["models"]
+ARMS = CHECKED["arms"]
+SEEDS = config["seeds"]
+SPLITS = ["train", "test"]
+KV_MODELS = [*config["teachers"], config["student"]]
+
+PATHS = run_paths(config["run"])
+RESULTS = PATHS["results"]
+EVAL = f"{RESULTS}/eval"
+
+
+# ---- paths every rule agrees on -------------------------------------------------------------
+# A rule's log and benchmark live beside the results of its run. Each helper takes values or
+# wildcard patterns ("{model}").
 
 
 def card(model):
     return f"{RESULTS}/models/{model}.json"
+
+
+def dims_path(model):
+    return f"{RESULTS}/dims/{model}.json"
+
+
+def data_path(split):
+    return f"{RESULTS}/data/{split}.parquet"
+
+
+DATA_INFO = f"{RESULTS}/data/data.json"
+ENV = f"{RESULTS}/env.json"
+REPORT = f"{RESULTS}/report.html"
+
+
+def kv_dir(teacher, split):
+    return f"{RESULTS}/kv/{teacher}/{split}"
+
+
+def manifest_path(teacher, split):
+    return f"{kv_dir(teacher, split)}/manifest.json"
+
+
+# Big tensors on scratch, their small JSON sidecars beside the manifest.
+SHARD_FILE = f"{PATHS['scratch']}/kv/{{teacher}}/{{split}}/shard-{{shard}}.safetensors"
+SHARD_INFO = f"{kv_dir('{teacher}', '{split}')}/shards/shard-{{shard}}.json"
+BASIS = f"{RESULTS}/kv/{{teacher}}/basis.safetensors"
+CKA_MAPS = f"{RESULTS}/layer_maps/cka.json"
+
+
+def train_dir(arm, seed):
+    return f"{RESULTS}/train/{arm}/seed{seed}"
+
+
+def eval_path(evaluated):
+    return f"{EVAL}/{evaluated}.json"
 
 
 def log_path(rule_name, key="{model}"):
@@ -18,6 +81,14 @@ def benchmark_path(rule_name, key="{model}"):
     return f"{RESULTS}/benchmarks/{rule_name}/{key}.tsv"
 
 
+TEACHER_DIMS = [dims_path(teacher) for teacher in config["teachers"]]
+TRAIN_MANIFESTS = [manifest_path(teacher, "train") for teacher in config["teachers"]]
+TEST_MANIFESTS = [manifest_path(teacher, "test") for teacher in config["teachers"]]
+ALL_MANIFESTS = [manifest_path(teacher, split) for teacher in config["teachers"]
+                 for split in SPLITS]
+
+
+# ---- command lines --------------------------------------------------------------------------
 def path_arg(flag, paths):
     """`--flag 'path' ...` quoted for the shell, or "" for an optional input that is absent:
     a params function's string goes into the command as it is, so it must quote itself."""
@@ -30,87 +101,19 @@ def as_json(section):
     return json.dumps(section, sort_keys=True)
 
 
-# ---- a SLURM run ------------------------------------------------------------------------------
-if detect_scheduler()[0] == "slurm":
-    # Inside a job: the stage, not this process, answers the time-limit warning.
-    ignore_advance_warning()
-
-
-def slurm_requests():
-    """Per rule, what its SLURM jobs ask for: --cpus-per-task (cpus_per_task, else threads) and
-    --mem (mem_mb). A value computed per job (a function) is not known before the DAG runs."""
-    requests = {}
-    for definition in workflow.rules:
-        known = {name: resource.value for name, resource in definition.resources.items()
-                 if not resource.is_evaluable()}
-        requests[definition.name] = {"cpus": known.get("cpus_per_task") or known.get("_cores", 1),
-                               "mem_mb": known.get("mem_mb", 0)}
-    return requests
-
-
-def refuse_overrides(settings):
-    """A job's CPU threads come from the config key threads only, and a train job's GPUs from
-    train_job.gpus only: a profile's or the command line's --set-threads, --set-resources or
-    --default-resources would otherwise win over the config without a word."""
-    for rule_name in settings.overwrite_threads:
-        raise WorkflowError(f"kava: error: --set-threads {rule_name}=… (profile or command line) "
-                            f"overrides the config key threads; remove it and set threads")
-    overrides = [(f"--set-resources {rule_name}:", rule_name, name)
-                 for rule_name, resources in settings.overwrite_resources.items()
-                 for name in resources]
-    overrides += [("--default-resources ", None, name)
-                  for name in (settings.default_resources or {})]
-    for where, rule_name, name in overrides:
-        if name == "cpus_per_task":
-            raise WorkflowError(f"kava: error: {where}cpus_per_task (profile or command line) "
-                                f"overrides the config key threads (SLURM gets cpus-per-task = "
-                                f"threads); remove it and set threads")
-        if rule_name == "train" and name == "gpu":
-            raise WorkflowError(f"kava: error: {where}gpu (profile or command line) overrides "
-                                f"the config key train_job.gpus; remove it and set train_job.gpus")
-    # Snakemake cuts any resource down to its global limit (--resources) without a word.
-    gpu_limit = getattr(settings._parsed_resources.get("gpu"), "value", None)
-    gpus = config["train_job"]["gpus"]
-    if gpu_limit is not None and gpus > gpu_limit:
-        raise WorkflowError(f"kava: error: the config key train_job.gpus ({gpus}) exceeds the gpu "
-                            f"resource {gpu_limit} (profile or --resources), which would "
-                            f"cut it; raise it with --resources gpu={gpus}")
-
-
-def refuse_core_cut(settings):
-    """Local execution cuts a job's threads down to --cores without a word. Only known once the
-    executor is (onstart): a SLURM job gets the CPUs it asks for, whatever --cores says."""
-    if config["threads"] > settings.cores:
-        raise WorkflowError(f"kava: error: the config key threads ({config['threads']}) exceeds "
-                            f"--cores {settings.cores} (profile or command line), which would cut "
-                            f"it; lower threads or raise --cores")
-
-
-if workflow.is_main_process:
-    refuse_overrides(workflow.resource_settings)
-
-
-# ---- data (data.smk) ---------------------------------------------------------
-SPLITS = ["train", "test"]
+# ---- data (data.smk) ------------------------------------------------------------------------
 # The keys of `data` that decide which rows are prepared (max_length and on_too_long act per
 # teacher, at precompute): changing only those must not redo the data and everything after it.
 PREPARE_KEYS = ["source", "path", "train_size", "validation_size", "test_size", "seed", "on_bad_row"]
 
 
-# ---- teacher KV (precompute.smk) ---------------------------------------------
-KV = f"{RESULTS}/kv/{{teacher}}/{{split}}"
-# Big tensors on scratch, their small JSON sidecars beside the manifest.
-SHARD_FILE = f"{PATHS['scratch']}/kv/{{teacher}}/{{split}}/shard-{{shard}}.safetensors"
-SHARD_INFO = f"{KV}/shards/shard-{{shard}}.json"
-BASIS = f"{RESULTS}/kv/{{teacher}}/basis.safetensors"
+# ---- models (models.smk) --------------------------------------------------------------------
+def derive_base_card(wildcards):
+    base = config["models"][wildcards.model].get("derive", {}).get("base")
+    return [card(base)] if base else []
 
 
-wildcard_constraints:
-    teacher="|".join(map(re.escape, config["teachers"])),
-    split="|".join(SPLITS),
-    shard=r"\d{5}",
-
-
+# ---- teacher KV (precompute.smk) ------------------------------------------------------------
 MAPPED = config["precompute"]["layers"] == "mapped"
 
 
@@ -151,17 +154,12 @@ def shard_ids(wildcards):
     return [f"{index:05d}" for index in range((rows + per_shard - 1) // per_shard)]
 
 
-# ---- training (train.smk) ----------------------------------------------------
-TRAIN = f"{RESULTS}/train/{{arm}}/seed{{seed}}"
-CKA_MAPS = f"{RESULTS}/layer_maps/cka.json"
-TRAIN_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/train/manifest.json", teacher=config["teachers"])
+def shard_paths(pattern):
+    """An input function: every shard of the job's teacher x split, as pattern names them."""
+    return lambda w: expand(pattern, teacher=w.teacher, split=w.split, shard=shard_ids(w))
 
 
-wildcard_constraints:
-    arm="|".join(map(re.escape, ARMS)),
-    seed=r"\d+",
-
-
+# ---- training (train.smk) -------------------------------------------------------------------
 def cka_time_alignment():
     """The time alignment of the arms that use the CKA maps: the maps are computed once, so
     those arms must agree on it (the base train section's value only if no arm uses them)."""
@@ -186,43 +184,27 @@ def train_launcher(wildcards, resources):
     return "python -m"
 
 
-# ---- models (models.smk) -----------------------------------------------------
-def derive_base_card(wildcards):
-    base = config["models"][wildcards.model].get("derive", {}).get("base")
-    return [card(base)] if base else []
-
-
-# ---- evaluation (evaluate.smk) -----------------------------------------------
-# Every evaluated model, by the name its files take under eval/: the student before training
-# (init), each teacher (teacher-<name>, with eval.teachers), and each arm x seed (<arm>-seed<k>).
-EVAL = f"{RESULTS}/eval"
-TEST_MANIFESTS = expand(f"{RESULTS}/kv/{{teacher}}/test/manifest.json", teacher=config["teachers"])
+# ---- evaluation (evaluate.smk) --------------------------------------------------------------
 # The eval keys a job reads; eval.teachers only decides which jobs exist.
 EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop", "generate_examples", "probe_examples",
              "probe_ridge"]
 
 
 def evaluated_models():
-    """{name: the evaluate job's inputs besides the test data}."""
+    """{name: the evaluate job's inputs besides the test data}: the student before training
+    (init), each teacher of eval.teachers (teacher-<name>), and each arm x seed (<arm>-seed<k>),
+    by the name their files take under eval/."""
     named = [("init", {"card": card(config["student"])})]
-    evaluated_teachers = config["eval"]["teachers"]
-    if evaluated_teachers is True:
-        evaluated_teachers = config["teachers"]
-    for teacher in evaluated_teachers or []:
-        if teacher not in config["teachers"]:
-            raise WorkflowError(f"kava: error: eval.teachers names '{teacher}', which is not a "
-                                f"teacher ({', '.join(config['teachers'])})")
-        named.append((f"teacher-{teacher}", {"card": card(teacher)}))
+    named += [(f"teacher-{teacher}", {"card": card(teacher)})
+              for teacher in CHECKED["eval_teachers"]]
     for arm in ARMS:
         for seed in SEEDS:
-            run = f"{RESULTS}/train/{arm}/seed{seed}"
+            run = train_dir(arm, seed)
             named.append((f"{arm}-seed{seed}", {
                 "model_dir": f"{run}/student", "projector": f"{run}/projector.safetensors",
                 "train_info": f"{run}/train.json", "manifests": TEST_MANIFESTS,
-                "train_manifests": TRAIN_MANIFESTS, "train_data": f"{RESULTS}/data/train.parquet",
-                "student_card": card(config["student"]),
-                "teacher_dims": expand(f"{RESULTS}/dims/{{teacher}}.json",
-                                       teacher=config["teachers"])}))
+                "train_manifests": TRAIN_MANIFESTS, "train_data": data_path("train"),
+                "student_card": card(config["student"]), "teacher_dims": TEACHER_DIMS}))
     names = [name for name, _ in named]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:
@@ -232,10 +214,6 @@ def evaluated_models():
 
 
 EVALUATED = evaluated_models()
-
-
-wildcard_constraints:
-    evaluated="|".join(map(re.escape, EVALUATED)),
 
 
 def model_args(wildcards, input):
@@ -250,13 +228,25 @@ def model_args(wildcards, input):
         ("--teacher-dims", "teacher_dims")))
 
 
-# ---- report (report.smk) -----------------------------------------------------
-# The run's report: report.html + report.md, eval/summary.json, and the plots as PNG files for
-# Snakemake's own report (`snakemake --report report.html`).
-TRAIN_RUNS = {arm: {seed: f"{RESULTS}/train/{arm}/seed{seed}" for seed in SEEDS} for arm in ARMS}
+# ---- report (report.smk) --------------------------------------------------------------------
+# {arm: {seed: a file of its training run}} and the evaluation records, as the report reads them.
+def per_run(name):
+    return {arm: {seed: f"{train_dir(arm, seed)}/{name}" for seed in SEEDS} for arm in ARMS}
+
+
 EVAL_FILES = {
-    "init": f"{EVAL}/init.json",
-    "teachers": {t: f"{EVAL}/teacher-{t}.json" for t in config["teachers"]
-                 if f"teacher-{t}" in EVALUATED},
-    "arms": {arm: {seed: f"{EVAL}/{arm}-seed{seed}.json" for seed in SEEDS} for arm in ARMS},
+    "init": eval_path("init"),
+    "teachers": {t: eval_path(f"teacher-{t}") for t in CHECKED["eval_teachers"]},
+    "arms": {arm: {seed: eval_path(f"{arm}-seed{seed}") for seed in SEEDS} for arm in ARMS},
 }
+
+
+# Every wildcard of every rule, in one place.
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)),
+    teacher="|".join(map(re.escape, config["teachers"])),
+    split="|".join(SPLITS),
+    shard=r"\d{5}",
+    arm="|".join(map(re.escape, ARMS)),
+    seed=r"\d+",
+    evaluated="|".join(map(re.escape, EVALUATED)),

@@ -3,9 +3,9 @@ rule evaluate:
     trained student the held-out KV cosine against the teachers' test-split KV."""
     input:
         unpack(lambda w: EVALUATED[w.evaluated]),
-        data=f"{RESULTS}/data/test.parquet",
+        data=data_path("test"),
     output:
-        record=f"{EVAL}/{{evaluated}}.json",
+        record=eval_path("{evaluated}"),
         predictions=report(f"{EVAL}/{{evaluated}}/predictions.jsonl",
                            caption="../report/predictions.rst", category="Predictions",
                            labels={"model": "{evaluated}"}),
@@ -13,13 +13,15 @@ rule evaluate:
         eval=as_json({key: config["eval"][key] for key in EVAL_KEYS}),
         max_length=config["data"]["max_length"],
         model=model_args,
+    resources:
+        gpu=1,
     log:
         log_path("evaluate", "{evaluated}"),
     benchmark:
         benchmark_path("evaluate", "{evaluated}")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.evaluate --threads {threads} --name {wildcards.evaluated} {params.model} "
         "--data {input.data:q} --eval {params.eval:q} --max-length {params.max_length} "

@@ -14,7 +14,7 @@ rule materialize:
         benchmark_path("materialize")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.materialize --threads {threads} --name {wildcards.model} "
         "--spec {params.spec:q} --model-dir {params.model_dir:q} {params.base} "
@@ -26,14 +26,16 @@ rule dims:
     input:
         card=card("{model}"),
     output:
-        dims=f"{RESULTS}/dims/{{model}}.json",
+        dims=dims_path("{model}"),
+    resources:
+        gpu=1,
     log:
         log_path("dims"),
     benchmark:
         benchmark_path("dims")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.dims --threads {threads} --card {input.card:q} "
         "--out {output.dims:q} > {log:q} 2>&1"

@@ -3,8 +3,8 @@ rule kv_basis:
     K/V the principal components keeping precompute.pca_variance (dtype: pca), stored once."""
     input:
         card=card("{teacher}"),
-        data=f"{RESULTS}/data/train.parquet",
-        teacher_dims=f"{RESULTS}/dims/{{teacher}}.json",
+        data=data_path("train"),
+        teacher_dims=dims_path("{teacher}"),
         student_card=student_card,
     output:
         basis=BASIS,
@@ -12,13 +12,15 @@ rule kv_basis:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
         layer_arguments=layer_arguments,
+    resources:
+        gpu=1,
     log:
         log_path("kv_basis", "{teacher}"),
     benchmark:
         benchmark_path("kv_basis", "{teacher}")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.kv_basis --threads {threads} --card {input.card:q} "
         "--data {input.data:q} --precompute {params.precompute:q} "
@@ -30,8 +32,8 @@ rule precompute:
     """One teacher over one shard of a split → its K/V (safetensors, on scratch) + a sidecar."""
     input:
         card=card("{teacher}"),
-        data=f"{RESULTS}/data/{{split}}.parquet",
-        teacher_dims=f"{RESULTS}/dims/{{teacher}}.json",
+        data=data_path("{split}"),
+        teacher_dims=dims_path("{teacher}"),
         student_card=student_card,
         basis=basis,
     output:
@@ -44,13 +46,15 @@ rule precompute:
         layer_arguments=layer_arguments,
         basis=lambda w, input: path_arg("--basis", input.basis),
         logits=logits_arguments,
+    resources:
+        gpu=1,
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:
         benchmark_path("precompute", "{teacher}-{split}-{shard}")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.precompute --threads {threads} --card {input.card:q} "
         "--data {input.data:q} --split {wildcards.split} --shard {wildcards.shard} "
@@ -64,18 +68,18 @@ rule kv_manifest:
     """All shards of a teacher x split → manifest.json, the one file training and eval read."""
     input:
         card=card("{teacher}"),
-        data_info=f"{RESULTS}/data/data.json",
-        shards=lambda w: expand(SHARD_FILE, teacher=w.teacher, split=w.split, shard=shard_ids(w)),
-        infos=lambda w: expand(SHARD_INFO, teacher=w.teacher, split=w.split, shard=shard_ids(w)),
+        data_info=DATA_INFO,
+        shards=shard_paths(SHARD_FILE),
+        infos=shard_paths(SHARD_INFO),
     output:
-        manifest=f"{KV}/manifest.json",
+        manifest=manifest_path("{teacher}", "{split}"),
     log:
         log_path("kv_manifest", "{teacher}-{split}"),
     benchmark:
         benchmark_path("kv_manifest", "{teacher}-{split}")
-    threads: config["threads"]
+    threads: 1
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.kv_manifest --threads {threads} --card {input.card:q} "
         "--data-info {input.data_info:q} --split {wildcards.split} "

@@ -3,21 +3,23 @@ rule probe:
     micro-batch recommendation. It runs where the GPU jobs run, so it asks for a GPU too."""
     input:
         student_card=card(config["student"]),
-        student_dims=f"{RESULTS}/dims/{config['student']}.json",
-        teacher_dims=expand(f"{RESULTS}/dims/{{model}}.json", model=config["teachers"]),
+        student_dims=dims_path(config["student"]),
+        teacher_dims=TEACHER_DIMS,
     output:
-        env=f"{RESULTS}/env.json",
+        env=ENV,
     params:
         run=config["run"],
         seq_len=config["data"]["max_length"],
         effective_batch=config["train"]["effective_batch"],
+    resources:
+        gpu=1,
     log:
         log_path("probe", "probe"),
     benchmark:
         benchmark_path("probe", "probe")
     threads: 1
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.probe --threads {threads} --run {params.run:q} "
         "--student-card {input.student_card:q} --student-dims {input.student_dims:q} "

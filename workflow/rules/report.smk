@@ -2,26 +2,23 @@ rule report:
     """Every evaluation, training log, KV manifest, dims file and benchmark of the run → the
     summary table, the kv − ce A/B with paired bootstrap CIs, plots and the run's facts."""
     input:
-        evals=expand(f"{EVAL}/{{evaluated}}.json", evaluated=EVALUATED),
-        metrics=[f"{run}/metrics.jsonl" for runs in TRAIN_RUNS.values() for run in runs.values()],
-        train_infos=[f"{run}/train.json" for runs in TRAIN_RUNS.values() for run in runs.values()],
-        env=f"{RESULTS}/env.json",
-        dims=expand(f"{RESULTS}/dims/{{model}}.json", model=KV_MODELS),
-        data_info=f"{RESULTS}/data/data.json",
-        manifests=expand(f"{RESULTS}/kv/{{teacher}}/{{split}}/manifest.json",
-                         teacher=config["teachers"], split=SPLITS),
+        evals=[eval_path(name) for name in EVALUATED],
+        metrics=expand(f"{train_dir('{arm}', '{seed}')}/metrics.jsonl", arm=ARMS, seed=SEEDS),
+        train_infos=expand(f"{train_dir('{arm}', '{seed}')}/train.json", arm=ARMS, seed=SEEDS),
+        env=ENV,
+        dims=[dims_path(model) for model in KV_MODELS],
+        data_info=DATA_INFO,
+        manifests=ALL_MANIFESTS,
     output:
-        html=report(f"{RESULTS}/report.html", caption="../report/report.rst", category="Report"),
+        html=report(REPORT, caption="../report/report.rst", category="Report"),
         markdown=f"{RESULTS}/report.md",
         summary=report(f"{EVAL}/summary.json", caption="../report/summary.rst", category="Report"),
         figures=report(directory(f"{RESULTS}/figures"), patterns=["{figure}.png"],
                        caption="../report/figures.rst", category="Figures"),
     params:
         evals=as_json(EVAL_FILES),
-        metrics=as_json({arm: {seed: f"{run}/metrics.jsonl" for seed, run in runs.items()}
-                         for arm, runs in TRAIN_RUNS.items()}),
-        train_infos=as_json({arm: {seed: f"{run}/train.json" for seed, run in runs.items()}
-                             for arm, runs in TRAIN_RUNS.items()}),
+        metrics=as_json(per_run("metrics.jsonl")),
+        train_infos=as_json(per_run("train.json")),
         report=as_json(config["report"]),
         benchmarks=f"{RESULTS}/benchmarks",
         title=f"kava report: run {config['run']}",
@@ -31,7 +28,7 @@ rule report:
         benchmark_path("report", "report")
     threads: 1
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.report --threads {threads} --evals {params.evals:q} "
         "--metrics {params.metrics:q} --train-infos {params.train_infos:q} --env {input.env:q} --dims {input.dims:q} "

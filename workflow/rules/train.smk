@@ -5,20 +5,22 @@ rule cka_layer_map:
         student_card=card(config["student"]),
         teacher_cards=expand(card("{teacher}"), teacher=config["teachers"]),
         manifests=TRAIN_MANIFESTS,
-        data=f"{RESULTS}/data/train.parquet",
+        data=data_path("train"),
     output:
         maps=CKA_MAPS,
     params:
         examples=config["cka_layer_map"]["examples"],
         max_length=config["data"]["max_length"],
         time_alignment=cka_time_alignment(),
+    resources:
+        gpu=1,
     log:
         log_path("cka_layer_map", "cka"),
     benchmark:
         benchmark_path("cka_layer_map", "cka")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.cka_layer_map --threads {threads} --student-card {input.student_card:q} "
         "--teacher-cards {input.teacher_cards:q} --manifests {input.manifests:q} "
@@ -31,19 +33,19 @@ rule train:
     Checkpoints go to scratch, outside the outputs, so a rerun resumes instead of restarting."""
     input:
         student_card=card(config["student"]),
-        student_dims=f"{RESULTS}/dims/{config['student']}.json",
+        student_dims=dims_path(config["student"]),
         teacher_cards=expand(card("{teacher}"), teacher=config["teachers"]),
-        teacher_dims=expand(f"{RESULTS}/dims/{{teacher}}.json", teacher=config["teachers"]),
+        teacher_dims=TEACHER_DIMS,
         manifests=TRAIN_MANIFESTS,
-        data=f"{RESULTS}/data/train.parquet",
-        data_info=f"{RESULTS}/data/data.json",
-        env=f"{RESULTS}/env.json",
+        data=data_path("train"),
+        data_info=DATA_INFO,
+        env=ENV,
         cka=cka_maps,
     output:
-        student=directory(f"{TRAIN}/student"),
-        projector=f"{TRAIN}/projector.safetensors",
-        metrics=f"{TRAIN}/metrics.jsonl",
-        summary=f"{TRAIN}/train.json",
+        student=directory(f"{train_dir('{arm}', '{seed}')}/student"),
+        projector=f"{train_dir('{arm}', '{seed}')}/projector.safetensors",
+        metrics=f"{train_dir('{arm}', '{seed}')}/metrics.jsonl",
+        summary=f"{train_dir('{arm}', '{seed}')}/train.json",
     params:
         train=lambda w: as_json(ARMS[w.arm]),
         job=as_json(config["train_job"]),
@@ -59,7 +61,7 @@ rule train:
         benchmark_path("train", "{arm}-seed{seed}")
     threads: config["threads"]
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "{params.launcher} stages.train --threads {threads} --arm {wildcards.arm} "
         "--seed {wildcards.seed} --train {params.train:q} --job {params.job:q} "
