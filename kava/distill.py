@@ -19,83 +19,10 @@ KV cosine means the same for every arm.
 import torch
 from torch import nn
 
-from kava.align import auto_layer_map, explicit_layer_map, ratio_layer_map
-from kava.capture import KEY_SPACES, decoder_layers, pre_rope_hooks
-from kava.config import schema_enum
+from kava.capture import student_forward
 from kava.errors import KavaError
 from kava.losses import TeacherWeights, kv_loss, masked_cosine
-from kava.projector import KVProjector
-
-LAYER_MAPS = schema_enum("layer_map")
-
-
-def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None, cka=None,
-              pruned=None):
-    """(the teacher layer each student layer learns from, why), checked against what the
-    teacher's KV store holds (precompute may have stored only some layers). pruned: the
-    student's (base, keep_layers) when it is a depth-pruned model (kava.align.pruned_from)."""
-    why = mode
-    if mode == "auto":
-        mapping, why = auto_layer_map(n_student, n_teacher, teacher, pruned)
-    elif mode == "ratio":
-        mapping = ratio_layer_map(n_student, n_teacher)
-    elif mode == "explicit":
-        if teacher not in (explicit or {}):
-            raise KavaError(f"train.layer_map is explicit but train.explicit_layer_map has no "
-                            f"entry for teacher {teacher}")
-        mapping = explicit_layer_map(explicit[teacher], n_student, n_teacher, teacher)
-    elif mode == "cka":
-        if teacher not in (cka or {}):
-            raise KavaError(f"train.layer_map is cka but no CKA layer map was given for "
-                            f"teacher {teacher}")
-        mapping = explicit_layer_map(cka[teacher]["layer_map"], n_student, n_teacher, teacher)
-    else:
-        raise KavaError(f"unknown layer map {mode!r}; choose one of {', '.join(LAYER_MAPS)}")
-    stored = set(stored_layers)
-    for student_layer, teacher_layer in enumerate(mapping):
-        if teacher_layer not in stored:
-            raise KavaError(f"student layer {student_layer} maps to teacher {teacher} layer "
-                            f"{teacher_layer}, which its KV store does not hold (stored layers: "
-                            f"{sorted(stored)}); precompute it or change the layer map")
-    return mapping, why
-
-
-def student_forward(model, batch, key_space, ce_items=None):
-    """One student forward: the model's outputs (with the answer CE when batch.labels is set)
-    and its K, V per layer, `[B, T, H, D]`, in the store's key space, with autograd.
-
-    ce_items: answer tokens of the whole (accumulated, all-GPU) batch: the CE is this
-    micro-batch's summed token loss divided by it, so micro-batches weigh by tokens."""
-    if key_space not in KEY_SPACES:
-        raise KavaError(f"key_space '{key_space}' is not one of {', '.join(KEY_SPACES)}")
-    layers = range(len(decoder_layers(model)))
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if ce_items is not None:
-        kwargs.update(labels=batch.labels, num_items_in_batch=max(int(ce_items), 1))
-    else:
-        kwargs["logits_to_keep"] = 1  # no CE: skip the LM head over the whole sequence
-    if key_space == "pre_rope":
-        with pre_rope_hooks(model, layers) as captured:
-            outputs = model(**kwargs, use_cache=False)
-        return outputs, [(captured[i]["k"], captured[i]["v"]) for i in layers]
-    from transformers import DynamicCache
-
-    # Post-RoPE keys are what the attention caches; a config-less DynamicCache keeps every
-    # layer at full length (the model's own cache would truncate sliding-window layers).
-    cache = DynamicCache()
-    outputs = model(**kwargs, use_cache=True, past_key_values=cache)
-    return outputs, [(cache.layers[i].keys.transpose(1, 2), cache.layers[i].values.transpose(1, 2))
-                     for i in layers]
-
-
-def compared_pairs(projector, student_kv, teacher_kv):
-    """(prediction, target) KV per student layer for one teacher: the projector maps whichever
-    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}."""
-    mapped = [teacher_kv[layer] for layer in projector.layer_map]
-    if projector.direction == "teacher_to_student":
-        return student_kv, projector(mapped)
-    return projector(student_kv), mapped
-
+from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
     """KV loss and cosine of one teacher, per student layer: two `[n_layers]` tensors (loss with

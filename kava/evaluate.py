@@ -236,23 +236,6 @@ def teacher_stores(manifests, teachers, train_info):
     return stores
 
 
-def probe_layer_maps(train_info, n_student, teacher_dims, student_card):
-    """{teacher: layer map} the held-out probe scores, for every teacher of the run: the map
-    training used for a teacher the student learned from, else the one layer_map auto would
-    give. So an arm that learned from one teacher is still measured against the others, which
-    tells whether its KV moved towards its teacher only or towards any teacher."""
-    from kava.align import auto_layer_map, pruned_from
-
-    maps = {}
-    for name, dims in teacher_dims.items():
-        if name in train_info["teachers"]:
-            maps[name] = train_info["teachers"][name]["layer_map"]
-        else:
-            maps[name] = auto_layer_map(n_student, dims["num_layers"], name,
-                                        pruned_from(student_card))[0]
-    return maps
-
-
 def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_manifests,
                test_manifests, train_rows, test_rows, max_length, batch_size, probe_ridge):
     """A trained student's held-out KV match on the test split: "cosine", the raw cosine

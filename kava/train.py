@@ -41,14 +41,14 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from kava.align import pruned_from
 from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
                            student_example, teacher_inputs, teacher_store, time_alignment)
 from kava.distill import (Distiller, build_projectors, fit_ridge_projectors,
-                          gradient_alignment, layer_map, teacher_kv_std, teacher_weights)
+                          gradient_alignment, teacher_kv_std, teacher_weights)
 from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
+from kava.layer_maps import resolve
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
@@ -210,9 +210,8 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
     layer_maps, reasons = {}, {}
     for teacher in teachers:
         name, dims = teacher["card"]["name"], teacher["dims"]
-        layer_maps[name], reasons[name] = layer_map(
-            cfg["layer_map"], student_dims["num_layers"], dims["num_layers"], name,
-            stores[name].layers, cfg["explicit_layer_map"], cka_maps, pruned_from(student_card))
+        layer_maps[name], reasons[name] = resolve(cfg, student_card, dims, stores[name].layers,
+                                                  cka_maps)
         if tuple(stores[name].kv_shape) != (dims["num_kv_heads"], dims["head_dim"]):
             raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
                             f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
