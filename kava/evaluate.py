@@ -15,9 +15,9 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kava.answers import ANSWER_LINE, extract_answer, is_correct
-from kava.batching import eos_ids, pad_id, teacher_store
+from kava.batching import eos_ids, pad_id
 from kava.errors import KavaError
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, open_teacher_store
 
 def grade(predictions, references):
     """Per-example correctness of generated texts against reference numbers."""
@@ -228,7 +228,7 @@ def teacher_stores(manifests, teachers, train_info):
         if name in teachers:
             trained = train_info["teachers"].get(name)
             weights = trained["identity"]["teacher"]["weights_sha256"] if trained else None
-            stores[name] = teacher_store(path, name, weights, key_space=train_info["key_space"])
+            stores[name] = open_teacher_store(path, name, weights, key_space=train_info["key_space"])
     missing = [name for name in teachers if name not in stores]
     if missing:
         raise KavaError(f"no KV manifest of teacher {missing[0]} among {list(manifests)} (the "

@@ -42,12 +42,13 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
-                           student_example, teacher_inputs, teacher_store, time_alignment)
+                           student_example, teacher_inputs, time_alignment)
 from kava.distill import (Distiller, build_projectors, fit_ridge_projectors,
                           gradient_alignment, teacher_kv_std, teacher_weights)
 from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
+from kava.kvstore import open_teacher_store
 from kava.layer_maps import resolve
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
@@ -108,19 +109,6 @@ def micro_batch_size(cfg, env, world):
                             "micro_batch; set train.micro_batch")
         micro = recommended["micro_batch"]
     return max(1, min(int(micro), cfg["effective_batch"] // world))
-
-
-def open_stores(teachers):
-    """{teacher: KVStore} of the train split, checked against the teacher's card."""
-    stores = {}
-    for teacher in teachers:
-        card = teacher["card"]
-        store = teacher_store(teacher["manifest"], card["name"], card["weights_sha256"])
-        if not store.manifest.get("shards") or len(store) == 0:
-            raise KavaError(f"{teacher['manifest']}: the KV store of teacher {card['name']} has "
-                            f"no shards (empty shard list); rerun precompute")
-        stores[card["name"]] = store
-    return stores
 
 
 def manifest_identity(manifest):
@@ -198,7 +186,9 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
         held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer),
                            cfg["time_alignment"])
         students = students[:-cfg["diagnose_examples"]]
-    stores = open_stores(teachers)
+    stores = {t["card"]["name"]: open_teacher_store(t["manifest"], t["card"]["name"],
+                                                    t["card"]["weights_sha256"])
+              for t in teachers}
     key_space = shared_key_space(stores)
     partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
     positions = {}
