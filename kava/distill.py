@@ -9,7 +9,7 @@ other's space (kava.projector: student_to_teacher maps the student's KV onto the
 KV; teacher_to_student maps the teacher's onto the student's), on valid tokens only (real,
 aligned student tokens). With kv_std_norm both sides are divided by the teacher's own K or V
 standard deviation at that layer, measured once on the train store: a fixed scale, which the
-projector cannot shrink. Σ_t w_t is kava.losses.TeacherWeights (per layer, then averaged).
+projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged).
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
@@ -21,7 +21,7 @@ from torch import nn
 
 from kava.capture import student_forward
 from kava.errors import KavaError
-from kava.losses import TeacherWeights, kv_loss, masked_cosine
+from kava.losses import TeacherMixture, kv_loss, masked_cosine
 from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
@@ -49,11 +49,11 @@ class Distiller(nn.Module):
     teacher_std: `[n_teachers, n_student_layers, 2]` standard deviation of each teacher's K and
     V at the layer each student layer maps to (kava.distill.teacher_kv_std)."""
 
-    def __init__(self, student, projectors, teacher_weights, teacher_std, loss_cfg, key_space):
+    def __init__(self, student, projectors, teacher_mixture, teacher_std, loss_cfg, key_space):
         super().__init__()
         self.student = student
         self.projectors = nn.ModuleDict(projectors)
-        self.teacher_weights = teacher_weights
+        self.teacher_mixture = teacher_mixture
         self.register_buffer("teacher_std", teacher_std)
         self.loss_cfg = dict(loss_cfg)
         self.key_space = key_space
@@ -82,11 +82,12 @@ class Distiller(nn.Module):
             kv_losses.append(losses * share)
             cosines.append(cos * share)
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
-        kv_term = self.teacher_weights(kv_matrix)
+        kv_term = self.teacher_mixture(kv_matrix)
         kv_coefficient = cfg["kv_weight"] if kv_on_student else float(cfg["probe_projector"])
         loss = cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
-        if cfg["teacher_entropy_weight"] and isinstance(self.teacher_weights.logits, nn.Parameter):
-            loss = loss - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy() / n_micro
+        if (cfg["teacher_entropy_weight"]
+                and isinstance(self.teacher_mixture.logits, nn.Parameter)):
+            loss = loss - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy() / n_micro
         l2 = torch.zeros((), device=loss.device)
         if self.init_params is not None:
             l2 = sum((p - p0).square().sum()
@@ -101,11 +102,11 @@ class Distiller(nn.Module):
         """The logged loss of a step from its summed statistics: what the student minimises."""
         cfg = self.loss_cfg
         with torch.no_grad():
-            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_weights(kv_matrix)
+            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_mixture(kv_matrix)
                      + cfg["l2_init_weight"] * l2)
             if (cfg["teacher_entropy_weight"]
-                    and isinstance(self.teacher_weights.logits, nn.Parameter)):
-                total = total - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy()
+                    and isinstance(self.teacher_mixture.logits, nn.Parameter)):
+                total = total - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy()
         return float(total)
 
 
@@ -171,18 +172,18 @@ def fit_ridge_projectors(distiller, batches, ridge):
             distiller.projectors[name].set_ridge(layer, "kv"[which], x, y, ridge)
 
 
-def teacher_weights(n_layers, teachers, mode, weights):
-    """TeacherWeights from the config: `weights` is null (uniform) or {teacher: weight}."""
+def build_teacher_mixture(n_layers, teachers, mode, weights):
+    """TeacherMixture from the config: `weights` is null (uniform) or {teacher: weight}."""
     if weights is not None:
         missing = [t for t in teachers if t not in weights]
         if missing:
             raise KavaError(f"train.teacher_weights has no weight for teacher(s) "
                             f"{', '.join(missing)}")
         weights = [float(weights[t]) for t in teachers]
-    return TeacherWeights(n_layers, len(teachers), mode, weights)
+    return TeacherMixture(n_layers, len(teachers), mode, weights)
 
 
-def gradient_alignment(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
+def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
     """{term: cosine} between the student's gradient of each loss term on `batch` ("ce", and
     "kv/<teacher>" for every teacher, whether or not the arm trains on it) and the gradient of
     the answer CE on `held_out` examples that training never sees. A term whose gradient points
@@ -206,9 +207,9 @@ def gradient_alignment(distiller, batch, ce_items, kv_items, held_out, held_out_
         terms[f"kv/{name}"] = losses.mean() * share
     reference = flat_grad(student_forward(distiller.student, held_out, distiller.key_space,
                                           held_out_ce_items)[0].loss)
-    alignment = {}
+    agreement = {}
     for term, loss in terms.items():
         grad = flat_grad(loss)
-        alignment[term] = float(grad @ reference
+        agreement[term] = float(grad @ reference
                                 / (grad.norm() * reference.norm()).clamp_min(1e-30))
-    return alignment
+    return agreement
