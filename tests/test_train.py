@@ -713,7 +713,7 @@ def test_warmup_does_not_waste_the_first_step():
     assert factors[3] == 1 and all(0 < f <= 1 for f in factors)
 
 
-def test_gradient_alignment_is_logged_and_leaves_training_unchanged(world, tmp_path):
+def test_gradient_agreement_is_logged_and_leaves_training_unchanged(world, tmp_path):
     """diagnose_every holds the last diagnose_examples rows out and logs align/<term> cosines;
     the trained student equals one trained on the other rows without the diagnostic."""
     cfg = dict(steps=2, effective_batch=4, micro_batch=4)
