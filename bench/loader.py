@@ -22,9 +22,9 @@ mapped layers. Goal: reader bytes/s >= 10x what a step consumes.
 import tempfile
 
 from bench.common import bench_rows, emit, machine, parser, student_card, teacher_cards, timed
-from kava.align import ratio_layer_map
 from kava.io import read_json
 from kava.kvstore import KVStore
+from kava.layer_maps import ratio_layer_map
 from kava.models import load_model, load_tokenizer
 from kava.precompute import pad_batch, precompute_split
 

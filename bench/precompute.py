@@ -20,8 +20,9 @@ import torch
 from bench.common import bench_rows, emit, machine, parser, student_card, teacher_cards, timed
 from kava.environment import compute_dtype
 from kava.io import read_json
+from kava.layer_maps import layers_to_store
 from kava.models import load_model, load_tokenizer
-from kava.precompute import (length_batches, pad_batch, precompute_shard, select_layers, tokenize,
+from kava.precompute import (length_batches, pad_batch, precompute_shard, tokenize,
                              tokenizer_identity)
 
 
@@ -49,7 +50,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="kava-bench-") as workdir:
         student = read_json(args.student_card) if args.student_card else student_card(args, workdir)
         for name, card in teacher_cards(args, workdir).items():
-            layers = select_layers(args.layers, card["num_layers"], student, name)
+            layers = layers_to_store(args.layers, card["num_layers"], student, name)
             model = load_model(card, dtype=dtype)
             tokenizer = load_tokenizer(card["dir"])
             kept, _, _ = tokenize(tokenizer, rows, args.max_length, "truncate", name)

@@ -47,7 +47,6 @@ from safetensors import safe_open
 
 from bench.common import PROJECT, emit, machine, parser, student_card, teacher_cards
 from bench.train_step import default_train_config
-from kava.align import ratio_layer_map
 from kava.config import schema_defaults
 from kava.data import prepare
 from kava.dims import detect_dims
@@ -55,8 +54,9 @@ from kava.evaluate import answer_nll, at_word_boundary
 from kava.io import read_json
 from kava.kvfit import kv_probe_r2
 from kava.kvstore import LOGIT_TENSORS, KVStore, logits_spec
+from kava.layer_maps import layers_to_store, ratio_layer_map
 from kava.models import load_model, load_tokenizer
-from kava.precompute import precompute_split, select_layers
+from kava.precompute import precompute_split
 from kava.stats import two_level_bootstrap
 from kava.train import setup_data, setup_model, setup_optimizer, setup_scheduler, step_batches, \
     train_step
@@ -185,7 +185,7 @@ def measure_teacher(name, card, student, student_dims, train_rows, test_rows, wo
     tokens = test["fp32"].manifest["tokens"]
     n_heads, head_dim = test["fp32"].kv_shape
     layers = {"all": list(range(card["num_layers"])),
-              "mapped": select_layers("mapped", card["num_layers"], student, name)}
+              "mapped": layers_to_store("mapped", card["num_layers"], student, name)}
     basis = test["pca"].basis
     channels = n_heads * head_dim
     entry = {"tokens": tokens, "layers": card["num_layers"], "mapped_layers": layers["mapped"],

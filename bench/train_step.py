@@ -30,7 +30,6 @@ import torch
 import yaml
 
 from bench.common import PROJECT, bench_rows, emit, machine, parser, teacher_cards
-from kava.align import auto_layer_map, pruned_from
 from kava.batching import collate, pad_id
 from kava.capture import forward_kv
 from kava.config import arm_configs, schema_defaults
@@ -38,6 +37,7 @@ from kava.dims import detect_dims
 from kava.environment import compute_dtype, job_device, job_precision
 from kava.io import read_json, write_json
 from kava.kvstore import build_manifest
+from kava.layer_maps import auto_layer_map, pruned_from
 from kava.models import load_model, load_tokenizer, materialize
 from kava.paths import run_paths
 from kava.precompute import pad_batch, precompute_shard, tokenizer_identity

@@ -26,7 +26,6 @@ from kava.align import (causal_span_alignment, interpolate_alignment, position_a
                         span_alignment)
 from kava.config import schema_enum
 from kava.errors import KavaError
-from kava.kvstore import KVStore
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
 # "position" is not a setting: it is how a kv_shuffled control arm reads another example's KV.
@@ -190,17 +189,6 @@ def example_order(n_examples, seed, start, count):
         order.extend(take)
         position += len(take)
     return order
-
-
-def teacher_store(manifest, teacher, weights_sha256, **expect):
-    """The KVStore of `manifest`, refused (naming the manifest) unless it holds the KV of
-    `teacher` computed with the weights `weights_sha256` (None: a teacher whose weights the
-    caller cannot name, e.g. one a student did not learn from, is not held to any) and meets any
-    further KVStore expectation (e.g. key_space)."""
-    expect = {"teacher": teacher, **expect}
-    if weights_sha256 is not None:
-        expect["weights_sha256"] = weights_sha256
-    return KVStore(manifest, expect=expect)
 
 
 def shared_key_space(stores):

@@ -102,6 +102,29 @@ def stop_after(module):
         handle.remove()
 
 
+@contextmanager
+def capturing_kv(model, layers, key_space):
+    """The one way K and V are captured: yields (the keyword arguments the forward run inside
+    the block must get, `{layer: (k, v)}`), the latter filled, `[B, T, H, D]`, once the block
+    ends."""
+    from transformers import DynamicCache
+
+    if key_space not in KEY_SPACES:
+        raise KavaError(f"key_space '{key_space}' is not one of {', '.join(KEY_SPACES)}")
+    kv = {}
+    if key_space == "post_rope":
+        # Post-RoPE keys are what the attention caches; a config-less DynamicCache keeps every
+        # layer at full length (the model's own cache would truncate sliding-window layers).
+        cache = DynamicCache()
+        yield {"use_cache": True, "past_key_values": cache}, kv
+        kv.update({layer: (cache.layers[layer].keys.transpose(1, 2),
+                           cache.layers[layer].values.transpose(1, 2)) for layer in layers})
+        return
+    with pre_rope_hooks(model, layers) as captured:
+        yield {"use_cache": False}, kv
+    kv.update({layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers})
+
+
 def forward_kv(model, input_ids, attention_mask, layers, key_space="pre_rope"):
     """The decoder body's forward up to the last of `layers` (no lm_head, no logits):
     `{layer: (k, v)}`, [B,T,H,D]."""
@@ -114,33 +137,39 @@ def forward_kv_logits(model, input_ids, attention_mask, layers, key_space="pre_r
 
 
 def _capture(model, input_ids, attention_mask, layers, key_space, logits):
-    from transformers import DynamicCache
-
-    if key_space not in KEY_SPACES:
-        raise KavaError(f"key_space '{key_space}' is not one of {', '.join(KEY_SPACES)}")
     n_layers = len(decoder_layers(model))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise KavaError(f"layers {bad} out of range for a model with {n_layers} layers")
-    # The body alone, stopped at the last stored layer, unless the logits are wanted.
-    run = model if logits else model.model
     last = decoder_layers(model)[max(layers)].self_attn
-    if key_space == "post_rope":
-        cache = DynamicCache()
-        # The cache is filled inside the attention, before its output projection.
-        with nullcontext() if logits else stop_after(last):
-            output = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                         past_key_values=cache)
-        kv = {layer: (cache.layers[layer].keys.transpose(1, 2),
-                      cache.layers[layer].values.transpose(1, 2)) for layer in layers}
-        return kv, output.logits if logits else None
-    # Registered after the capture hooks, so it runs after them on the last V projection (K is
-    # projected before V in every supported family; phi3 projects both at once).
-    with pre_rope_hooks(model, layers) as captured, \
-            nullcontext() if logits else stop_after(getattr(last, "qkv_proj", None) or last.v_proj):
-        output = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    kv = {layer: (captured[layer]["k"], captured[layer]["v"]) for layer in layers}
+    # The body alone, stopped at the last stored layer, unless the logits are wanted.
+    # post_rope: the cache is filled inside the attention, before its output projection.
+    # pre_rope: stop_after is registered after the capture hooks, so it runs after them on the
+    # last V projection (K is projected before V in every supported family; phi3 projects both
+    # at once).
+    stop_at = last if key_space == "post_rope" else getattr(last, "qkv_proj", None) or last.v_proj
+    with capturing_kv(model, layers, key_space) as (forward_args, kv):
+        with nullcontext() if logits else stop_after(stop_at):
+            output = (model if logits else model.model)(
+                input_ids=input_ids, attention_mask=attention_mask, **forward_args)
     return kv, output.logits if logits else None
+
+
+def student_forward(model, batch, key_space, ce_items=None):
+    """One student forward: the model's outputs (with the answer CE when batch.labels is set)
+    and its K, V per layer, `[B, T, H, D]`, in the store's key space, with autograd.
+
+    ce_items: answer tokens of the whole (accumulated, all-GPU) batch: the CE is this
+    micro-batch's summed token loss divided by it, so micro-batches weigh by tokens."""
+    layers = range(len(decoder_layers(model)))
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if ce_items is not None:
+        kwargs.update(labels=batch.labels, num_items_in_batch=max(int(ce_items), 1))
+    else:
+        kwargs["logits_to_keep"] = 1  # no CE: skip the LM head over the whole sequence
+    with capturing_kv(model, layers, key_space) as (forward_args, kv):
+        outputs = model(**kwargs, **forward_args)
+    return outputs, [kv[i] for i in layers]
 
 
 def cache_kv(model, input_ids, attention_mask):

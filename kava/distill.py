@@ -9,7 +9,7 @@ other's space (kava.projector: student_to_teacher maps the student's KV onto the
 KV; teacher_to_student maps the teacher's onto the student's), on valid tokens only (real,
 aligned student tokens). With kv_std_norm both sides are divided by the teacher's own K or V
 standard deviation at that layer, measured once on the train store: a fixed scale, which the
-projector cannot shrink. Σ_t w_t is kava.losses.TeacherWeights (per layer, then averaged).
+projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged).
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
@@ -19,83 +19,10 @@ KV cosine means the same for every arm.
 import torch
 from torch import nn
 
-from kava.align import auto_layer_map, explicit_layer_map, ratio_layer_map
-from kava.capture import KEY_SPACES, decoder_layers, pre_rope_hooks
-from kava.config import schema_enum
+from kava.capture import student_forward
 from kava.errors import KavaError
-from kava.losses import TeacherWeights, kv_loss, masked_cosine
-from kava.projector import KVProjector
-
-LAYER_MAPS = schema_enum("layer_map")
-
-
-def layer_map(mode, n_student, n_teacher, teacher, stored_layers, explicit=None, cka=None,
-              pruned=None):
-    """(the teacher layer each student layer learns from, why), checked against what the
-    teacher's KV store holds (precompute may have stored only some layers). pruned: the
-    student's (base, keep_layers) when it is a depth-pruned model (kava.align.pruned_from)."""
-    why = mode
-    if mode == "auto":
-        mapping, why = auto_layer_map(n_student, n_teacher, teacher, pruned)
-    elif mode == "ratio":
-        mapping = ratio_layer_map(n_student, n_teacher)
-    elif mode == "explicit":
-        if teacher not in (explicit or {}):
-            raise KavaError(f"train.layer_map is explicit but train.explicit_layer_map has no "
-                            f"entry for teacher {teacher}")
-        mapping = explicit_layer_map(explicit[teacher], n_student, n_teacher, teacher)
-    elif mode == "cka":
-        if teacher not in (cka or {}):
-            raise KavaError(f"train.layer_map is cka but no CKA layer map was given for "
-                            f"teacher {teacher}")
-        mapping = explicit_layer_map(cka[teacher]["layer_map"], n_student, n_teacher, teacher)
-    else:
-        raise KavaError(f"unknown layer map {mode!r}; choose one of {', '.join(LAYER_MAPS)}")
-    stored = set(stored_layers)
-    for student_layer, teacher_layer in enumerate(mapping):
-        if teacher_layer not in stored:
-            raise KavaError(f"student layer {student_layer} maps to teacher {teacher} layer "
-                            f"{teacher_layer}, which its KV store does not hold (stored layers: "
-                            f"{sorted(stored)}); precompute it or change the layer map")
-    return mapping, why
-
-
-def student_forward(model, batch, key_space, ce_items=None):
-    """One student forward: the model's outputs (with the answer CE when batch.labels is set)
-    and its K, V per layer, `[B, T, H, D]`, in the store's key space, with autograd.
-
-    ce_items: answer tokens of the whole (accumulated, all-GPU) batch: the CE is this
-    micro-batch's summed token loss divided by it, so micro-batches weigh by tokens."""
-    if key_space not in KEY_SPACES:
-        raise KavaError(f"key_space '{key_space}' is not one of {', '.join(KEY_SPACES)}")
-    layers = range(len(decoder_layers(model)))
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if ce_items is not None:
-        kwargs.update(labels=batch.labels, num_items_in_batch=max(int(ce_items), 1))
-    else:
-        kwargs["logits_to_keep"] = 1  # no CE: skip the LM head over the whole sequence
-    if key_space == "pre_rope":
-        with pre_rope_hooks(model, layers) as captured:
-            outputs = model(**kwargs, use_cache=False)
-        return outputs, [(captured[i]["k"], captured[i]["v"]) for i in layers]
-    from transformers import DynamicCache
-
-    # Post-RoPE keys are what the attention caches; a config-less DynamicCache keeps every
-    # layer at full length (the model's own cache would truncate sliding-window layers).
-    cache = DynamicCache()
-    outputs = model(**kwargs, use_cache=True, past_key_values=cache)
-    return outputs, [(cache.layers[i].keys.transpose(1, 2), cache.layers[i].values.transpose(1, 2))
-                     for i in layers]
-
-
-def compared_pairs(projector, student_kv, teacher_kv):
-    """(prediction, target) KV per student layer for one teacher: the projector maps whichever
-    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}."""
-    mapped = [teacher_kv[layer] for layer in projector.layer_map]
-    if projector.direction == "teacher_to_student":
-        return student_kv, projector(mapped)
-    return projector(student_kv), mapped
-
+from kava.losses import TeacherMixture, kv_loss, masked_cosine
+from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
     """KV loss and cosine of one teacher, per student layer: two `[n_layers]` tensors (loss with
@@ -122,11 +49,11 @@ class Distiller(nn.Module):
     teacher_std: `[n_teachers, n_student_layers, 2]` standard deviation of each teacher's K and
     V at the layer each student layer maps to (kava.distill.teacher_kv_std)."""
 
-    def __init__(self, student, projectors, teacher_weights, teacher_std, loss_cfg, key_space):
+    def __init__(self, student, projectors, teacher_mixture, teacher_std, loss_cfg, key_space):
         super().__init__()
         self.student = student
         self.projectors = nn.ModuleDict(projectors)
-        self.teacher_weights = teacher_weights
+        self.teacher_mixture = teacher_mixture
         self.register_buffer("teacher_std", teacher_std)
         self.loss_cfg = dict(loss_cfg)
         self.key_space = key_space
@@ -155,11 +82,12 @@ class Distiller(nn.Module):
             kv_losses.append(losses * share)
             cosines.append(cos * share)
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
-        kv_term = self.teacher_weights(kv_matrix)
+        kv_term = self.teacher_mixture(kv_matrix)
         kv_coefficient = cfg["kv_weight"] if kv_on_student else float(cfg["probe_projector"])
         loss = cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
-        if cfg["teacher_entropy_weight"] and isinstance(self.teacher_weights.logits, nn.Parameter):
-            loss = loss - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy() / n_micro
+        if (cfg["teacher_entropy_weight"]
+                and isinstance(self.teacher_mixture.logits, nn.Parameter)):
+            loss = loss - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy() / n_micro
         l2 = torch.zeros((), device=loss.device)
         if self.init_params is not None:
             l2 = sum((p - p0).square().sum()
@@ -174,11 +102,11 @@ class Distiller(nn.Module):
         """The logged loss of a step from its summed statistics: what the student minimises."""
         cfg = self.loss_cfg
         with torch.no_grad():
-            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_weights(kv_matrix)
+            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_mixture(kv_matrix)
                      + cfg["l2_init_weight"] * l2)
             if (cfg["teacher_entropy_weight"]
-                    and isinstance(self.teacher_weights.logits, nn.Parameter)):
-                total = total - cfg["teacher_entropy_weight"] * self.teacher_weights.entropy()
+                    and isinstance(self.teacher_mixture.logits, nn.Parameter)):
+                total = total - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy()
         return float(total)
 
 
@@ -244,18 +172,18 @@ def fit_ridge_projectors(distiller, batches, ridge):
             distiller.projectors[name].set_ridge(layer, "kv"[which], x, y, ridge)
 
 
-def teacher_weights(n_layers, teachers, mode, weights):
-    """TeacherWeights from the config: `weights` is null (uniform) or {teacher: weight}."""
+def build_teacher_mixture(n_layers, teachers, mode, weights):
+    """TeacherMixture from the config: `weights` is null (uniform) or {teacher: weight}."""
     if weights is not None:
         missing = [t for t in teachers if t not in weights]
         if missing:
             raise KavaError(f"train.teacher_weights has no weight for teacher(s) "
                             f"{', '.join(missing)}")
         weights = [float(weights[t]) for t in teachers]
-    return TeacherWeights(n_layers, len(teachers), mode, weights)
+    return TeacherMixture(n_layers, len(teachers), mode, weights)
 
 
-def gradient_alignment(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
+def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
     """{term: cosine} between the student's gradient of each loss term on `batch` ("ce", and
     "kv/<teacher>" for every teacher, whether or not the arm trains on it) and the gradient of
     the answer CE on `held_out` examples that training never sees. A term whose gradient points
@@ -279,9 +207,9 @@ def gradient_alignment(distiller, batch, ce_items, kv_items, held_out, held_out_
         terms[f"kv/{name}"] = losses.mean() * share
     reference = flat_grad(student_forward(distiller.student, held_out, distiller.key_space,
                                           held_out_ce_items)[0].loss)
-    alignment = {}
+    agreement = {}
     for term, loss in terms.items():
         grad = flat_grad(loss)
-        alignment[term] = float(grad @ reference
+        agreement[term] = float(grad @ reference
                                 / (grad.norm() * reference.norm()).clamp_min(1e-30))
-    return alignment
+    return agreement

@@ -15,9 +15,9 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kava.answers import ANSWER_LINE, extract_answer, is_correct
-from kava.batching import eos_ids, pad_id, teacher_store
+from kava.batching import eos_ids, pad_id
 from kava.errors import KavaError
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, open_teacher_store
 
 def grade(predictions, references):
     """Per-example correctness of generated texts against reference numbers."""
@@ -236,29 +236,12 @@ def teacher_stores(manifests, teachers, train_info):
         if name in teachers:
             trained = train_info["teachers"].get(name)
             weights = trained["identity"]["teacher"]["weights_sha256"] if trained else None
-            stores[name] = teacher_store(path, name, weights, key_space=train_info["key_space"])
+            stores[name] = open_teacher_store(path, name, weights, key_space=train_info["key_space"])
     missing = [name for name in teachers if name not in stores]
     if missing:
         raise KavaError(f"no KV manifest of teacher {missing[0]} among {list(manifests)} (the "
                         f"held-out KV fit reads {', '.join(teachers)})")
     return stores
-
-
-def probe_layer_maps(train_info, n_student, teacher_dims, student_card):
-    """{teacher: layer map} the held-out probe scores, for every teacher of the run: the map
-    training used for a teacher the student learned from, else the one layer_map auto would
-    give. So an arm that learned from one teacher is still measured against the others, which
-    tells whether its KV moved towards its teacher only or towards any teacher."""
-    from kava.align import auto_layer_map, pruned_from
-
-    maps = {}
-    for name, dims in teacher_dims.items():
-        if name in train_info["teachers"]:
-            maps[name] = train_info["teachers"][name]["layer_map"]
-        else:
-            maps[name] = auto_layer_map(n_student, dims["num_layers"], name,
-                                        pruned_from(student_card))[0]
-    return maps
 
 
 def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_manifests,

@@ -12,14 +12,13 @@ teacher information than a constant; 1 means it determines the teacher's KV.
 
 import torch
 
-from kava.align import cka_layer_map
 from kava.batching import (align_teacher, collate, pad_id, shared_key_space, store_positions,
                            student_example, teacher_inputs)
-from kava.capture import decoder_layers, forward_kv
-from kava.distill import compared_pairs, student_forward
+from kava.capture import decoder_layers, forward_kv, student_forward
 from kava.errors import KavaError
+from kava.layer_maps import cka_layer_map
 from kava.losses import masked_cosine
-from kava.projector import ridge_solution
+from kava.projector import compared_pairs, ridge_solution
 
 
 def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_size, key_space,

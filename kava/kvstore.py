@@ -427,3 +427,14 @@ class KVStore:
             out["top_ids"] = out["top_ids"].long()
         return {"id": self.ids[i], "input_ids": tensors["input_ids"][start:end].long(),
                 "char_spans": tensors["char_spans"][start:end].long(), **out}
+
+
+def open_teacher_store(manifest, teacher, weights_sha256, **expect):
+    """The one way to open a teacher's KV store: the KVStore of `manifest`, refused (naming the manifest) unless it holds the KV of
+    `teacher` computed with the weights `weights_sha256` (None: a teacher whose weights the
+    caller cannot name, e.g. one a student did not learn from, is not held to any) and meets any
+    further KVStore expectation (e.g. key_space)."""
+    expect = {"teacher": teacher, **expect}
+    if weights_sha256 is not None:
+        expect["weights_sha256"] = weights_sha256
+    return KVStore(manifest, expect=expect)

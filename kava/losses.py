@@ -78,7 +78,7 @@ def masked_cosine(pred, target, mask):
     return _mean(_cosine(p, s, _norms(p), _norms(s)))
 
 
-class TeacherWeights(nn.Module):
+class TeacherMixture(nn.Module):
     """How much each teacher's KV loss counts, per student layer.
 
     fixed: the given weights (default uniform), normalised to sum to 1, constant.
@@ -86,7 +86,7 @@ class TeacherWeights(nn.Module):
         weights. Left alone, learned weights drift to whichever teacher is easiest to match;
         subtract a multiple of entropy() from the total loss to keep them spread.
 
-    total = ce_weight·CE + kv_weight·teacher_weights(kv_losses) [− λ·teacher_weights.entropy()]
+    total = ce_weight·CE + kv_weight·teacher_mixture(kv_losses) [− λ·teacher_mixture.entropy()]
     """
 
     def __init__(self, n_layers, n_teachers, mode, weights):

@@ -36,10 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kava.align import pruned_from
 from kava.capture import attention_shape, decoder_layers, forward_kv, forward_kv_logits
 from kava.data import rows_sha256
-from kava.distill import layer_map
 from kava.environment import compute_dtype, job_device
 from kava.errors import KavaError
 from kava.io import write_json
@@ -52,29 +50,6 @@ from kava.models import load_model, load_tokenizer
 # Batches whose K/V are in flight (being copied or written) at once: one being written while
 # the next computes. More would only hold more host memory.
 IN_FLIGHT = 2
-
-
-def select_layers(spec, n_teacher, student_card=None, teacher="teacher", arms=None):
-    """Sorted teacher layer indices to store. `mapped`: every layer some arm's layer map uses
-    (`arms`: {arm: {layer_map, explicit_layer_map}}; None: one arm with the auto map), all of
-    them if an arm picks its map by CKA, which searches the stored layers."""
-    if spec == "all":
-        return list(range(n_teacher))
-    if spec == "mapped":
-        used = set()
-        for arm in (arms or {"auto": {"layer_map": "auto"}}).values():
-            if arm["layer_map"] == "cka":
-                return list(range(n_teacher))
-            mapping, _ = layer_map(arm["layer_map"], student_card["num_layers"], n_teacher,
-                                   teacher, range(n_teacher), arm.get("explicit_layer_map"),
-                                   pruned=pruned_from(student_card))
-            used.update(mapping)
-        return sorted(used)
-    bad = [layer for layer in spec if not 0 <= layer < n_teacher]
-    if bad:
-        raise KavaError(f"precompute.layers {bad} out of range for teacher {teacher} "
-                        f"(layers 0..{n_teacher - 1})")
-    return sorted(set(spec))
 
 
 def tokenizer_identity(tokenizer, model_dir):

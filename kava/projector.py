@@ -232,3 +232,12 @@ def load_projectors(path):
                                        for n in projector.state_dict()})
             projectors[teacher] = projector
     return projectors
+
+
+def compared_pairs(projector, student_kv, teacher_kv):
+    """(prediction, target) KV per student layer for one teacher: the projector maps whichever
+    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}."""
+    mapped = [teacher_kv[layer] for layer in projector.layer_map]
+    if projector.direction == "teacher_to_student":
+        return student_kv, projector(mapped)
+    return projector(student_kv), mapped

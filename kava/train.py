@@ -41,14 +41,15 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from kava.align import pruned_from
 from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
-                           student_example, teacher_inputs, teacher_store, time_alignment)
-from kava.distill import (Distiller, build_projectors, fit_ridge_projectors,
-                          gradient_alignment, layer_map, teacher_kv_std, teacher_weights)
+                           student_example, teacher_inputs, time_alignment)
+from kava.distill import (Distiller, build_projectors, build_teacher_mixture,
+                          fit_ridge_projectors, gradient_agreement, teacher_kv_std)
 from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
 from kava.io import atomic_path, write_json
+from kava.kvstore import open_teacher_store
+from kava.layer_maps import resolve
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
@@ -108,19 +109,6 @@ def micro_batch_size(cfg, env, world):
                             "micro_batch; set train.micro_batch")
         micro = recommended["micro_batch"]
     return max(1, min(int(micro), cfg["effective_batch"] // world))
-
-
-def open_stores(teachers):
-    """{teacher: KVStore} of the train split, checked against the teacher's card."""
-    stores = {}
-    for teacher in teachers:
-        card = teacher["card"]
-        store = teacher_store(teacher["manifest"], card["name"], card["weights_sha256"])
-        if not store.manifest.get("shards") or len(store) == 0:
-            raise KavaError(f"{teacher['manifest']}: the KV store of teacher {card['name']} has "
-                            f"no shards (empty shard list); rerun precompute")
-        stores[card["name"]] = store
-    return stores
 
 
 def manifest_identity(manifest):
@@ -198,7 +186,9 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
         held_out = collate(students[-cfg["diagnose_examples"]:], {}, pad_id(tokenizer),
                            cfg["time_alignment"])
         students = students[:-cfg["diagnose_examples"]]
-    stores = open_stores(teachers)
+    stores = {t["card"]["name"]: open_teacher_store(t["manifest"], t["card"]["name"],
+                                                    t["card"]["weights_sha256"])
+              for t in teachers}
     key_space = shared_key_space(stores)
     partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
     positions = {}
@@ -210,9 +200,8 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
     layer_maps, reasons = {}, {}
     for teacher in teachers:
         name, dims = teacher["card"]["name"], teacher["dims"]
-        layer_maps[name], reasons[name] = layer_map(
-            cfg["layer_map"], student_dims["num_layers"], dims["num_layers"], name,
-            stores[name].layers, cfg["explicit_layer_map"], cka_maps, pruned_from(student_card))
+        layer_maps[name], reasons[name] = resolve(cfg, student_card, dims, stores[name].layers,
+                                                  cka_maps)
         if tuple(stores[name].kv_shape) != (dims["num_kv_heads"], dims["head_dim"]):
             raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
                             f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
@@ -273,8 +262,8 @@ def setup_model(cfg, data, student_card, student_dims, teachers, device):
                       for t in teachers}
     student_shape = (student_dims["num_kv_heads"], student_dims["head_dim"])
     projectors = build_projectors(data.layer_maps, teacher_shapes, student_shape, cfg)
-    weights = teacher_weights(student_dims["num_layers"], list(data.layer_maps),
-                              cfg["teacher_weighting"], cfg["teacher_weights"])
+    weights = build_teacher_mixture(student_dims["num_layers"], list(data.layer_maps),
+                                    cfg["teacher_weighting"], cfg["teacher_weights"])
     stds = {name: teacher_kv_std(data.stores[name], data.used_layers[name],
                                  cfg["teacher_stats_examples"]) for name in data.stores}
     teacher_std = torch.tensor([[stds[name][layer] for layer in data.layer_maps[name]]
@@ -298,7 +287,7 @@ def setup_optimizer(cfg, distiller):
     groups = []
     for lr, params in ((cfg["lr"], distiller.student.parameters()),
                        (cfg["projector_lr"], [*distiller.projectors.parameters(),
-                                              *distiller.teacher_weights.parameters()])):
+                                              *distiller.teacher_mixture.parameters()])):
         params = [p for p in params if p.requires_grad]
         groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr,
                        "weight_decay": cfg["weight_decay"]})
@@ -453,7 +442,7 @@ def train_step(model, distiller, batches, ce_items, kv_items, optimizer, schedul
     # Clipped apart: the projectors' gradients must not rescale the student's step (in the CE
     # baseline they would otherwise change it).
     projector_params = [*distiller.projectors.parameters(),
-                        *distiller.teacher_weights.parameters()]
+                        *distiller.teacher_mixture.parameters()]
     grad_norm, projector_grad_norm = (
         float(torch.nn.utils.clip_grad_norm_(params, distiller.loss_cfg["max_grad_norm"]))
         for params in (distiller.student.parameters(), projector_params))
@@ -461,7 +450,7 @@ def train_step(model, distiller, batches, ce_items, kv_items, optimizer, schedul
         optimizer.zero_grad(set_to_none=True)
         raise NonFinite(f"gradient norm is {grad_norm}")
     lrs = scheduler.get_last_lr()
-    weights = distiller.teacher_weights.weights().detach().cpu()  # before the update
+    weights = distiller.teacher_mixture.weights().detach().cpu()  # before the update
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -540,9 +529,9 @@ def _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data
             step_start = time.perf_counter()
             # One optimiser step over this step's examples (diagnosed first, every so often).
             batches, ce_items, kv_items = step_batches(data, cfg, seed, step, rank, world, micro)
-            alignment = {}
+            agreement = {}
             if rank == 0 and cfg["diagnose_every"] and step % cfg["diagnose_every"] == 0:
-                alignment = diagnose(distiller, batches[0], data.held_out)
+                agreement = diagnose(distiller, batches[0], data.held_out)
             try:
                 result, stopping = train_step(model, distiller, batches, ce_items, kv_items,
                                               optimizer, scheduler, scaler, autocast, stop, world)
@@ -554,7 +543,7 @@ def _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data
             if rank == 0:
                 line = _metrics_line(step, result, list(data.stores), now - step_start,
                                      elapsed_before + now - t0,
-                                     cfg["teacher_weighting"] == "learned", alignment)
+                                     cfg["teacher_weighting"] == "learned", agreement)
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
                 progress.set_postfix(loss=f"{result['loss']:.3f}", ce=f"{result['ce']:.3f}")
@@ -593,7 +582,7 @@ def _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data
                                 "projector_direction": distiller.projectors[name].direction,
                                 "kv_std": distiller.teacher_std[k].tolist(),
                                 "tokens_without_target": data.kv_lost[name],
-                                "weights": distiller.teacher_weights.weights()[:, k].tolist()}
+                                "weights": distiller.teacher_mixture.weights()[:, k].tolist()}
                          for k, (name, t) in enumerate(zip(data.stores, teachers))},
             "wall_s": round(time.perf_counter() - started, 3),
         }
@@ -636,18 +625,18 @@ def _kept(checkpoint_dir, last_checkpoint):
 
 
 def diagnose(distiller, batch, held_out):
-    """kava.distill.gradient_alignment of one micro-batch against the held-out rows, as
+    """kava.distill.gradient_agreement of one micro-batch against the held-out rows, as
     metrics keys align/<term>."""
     device = next(distiller.parameters()).device
     batch, held_out = batch.to(device), held_out.to(device)
     ce_items = int(batch.labels[:, 1:].ne(-100).sum())
     kv_items = {name: int(t.mask.sum()) for name, t in batch.teachers.items()}
-    alignment = gradient_alignment(distiller, batch, ce_items, kv_items, held_out,
+    agreement = gradient_agreement(distiller, batch, ce_items, kv_items, held_out,
                                    int(held_out.labels[:, 1:].ne(-100).sum()))
-    return {f"align/{term}": value for term, value in alignment.items()}
+    return {f"align/{term}": value for term, value in agreement.items()}
 
 
-def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, alignment):
+def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, agreement):
     line = {"step": step, "loss": result["loss"], "ce": result["ce"]}
     kv_matrix, cos = result["kv"], result["cos"]
     for t, name in enumerate(teachers):
@@ -661,7 +650,7 @@ def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, alig
     line.update({"l2_init": result["l2"], "lr": lrs[0], "lr_projector": lrs[-1],
                  "grad_norm": result["grad_norms"][0],
                  "grad_norm_projector": result["grad_norms"][1], "tokens": int(result["tokens"]),
-                 "tokens_per_s": result["tokens"] / step_s, "elapsed": elapsed, **alignment})
+                 "tokens_per_s": result["tokens"] / step_s, "elapsed": elapsed, **agreement})
     return line
 
 

@@ -3,11 +3,11 @@ of train examples → per teacher, the stored layer with the highest linear CKA 
 layer (JSON: layer_map, teacher_layers, scores). Only runs for an arm with layer_map: cka."""
 
 from kava.cli import run_stage, stage_parser
-from kava.batching import teacher_store
 from kava.data import read_split
 from kava.environment import job_device
 from kava.kvfit import cka_layer_maps
 from kava.io import read_json, write_json
+from kava.kvstore import open_teacher_store
 from kava.models import load_model, load_tokenizer
 
 
@@ -17,8 +17,8 @@ def main(args):
     stores = {}
     for teacher_card, manifest in zip(args.teacher_cards, args.manifests, strict=True):
         teacher = read_json(teacher_card)
-        stores[teacher["name"]] = teacher_store(manifest, teacher["name"],
-                                                teacher["weights_sha256"])
+        stores[teacher["name"]] = open_teacher_store(manifest, teacher["name"],
+                                                     teacher["weights_sha256"])
     rows = read_split(args.data, ("id", "prompt", "text"), 0, args.examples)
     maps = cka_layer_maps(student, load_tokenizer(card["dir"]), stores, rows, args.max_length,
                           args.time_alignment)

@@ -19,9 +19,9 @@ from kava.cli import json_arg, run_stage, stage_parser
 from kava.data import read_split
 from kava.environment import compute_dtype, job_device
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
-                           heldout_kv, prediction_lines, probe_layer_maps,
-                           tokenizer_fingerprint)
+                           heldout_kv, prediction_lines, tokenizer_fingerprint)
 from kava.io import atomic_path, read_json, write_json
+from kava.layer_maps import probe_layer_maps
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import load_projectors
 

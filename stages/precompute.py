@@ -4,14 +4,14 @@ from kava.cli import json_arg, run_stage, stage_parser
 from kava.config import schema_enum
 from kava.data import read_split
 from kava.io import atomic_path, read_json, remove_stale_temps, write_json
-from kava.precompute import (load_basis, load_teacher, precompute_shard, select_layers,
-                             teacher_logits)
+from kava.layer_maps import layers_to_store
+from kava.precompute import load_basis, load_teacher, precompute_shard, teacher_logits
 
 
 def stored_layers(args, cfg, teacher):
     """The teacher layers precompute.layers asks for (shared with stage kv_basis)."""
     student_card = read_json(args.student_card) if args.student_card else None
-    return select_layers(cfg["layers"], read_json(args.teacher_dims)["num_layers"], student_card,
+    return layers_to_store(cfg["layers"], read_json(args.teacher_dims)["num_layers"], student_card,
                          teacher, args.arms)
 
 

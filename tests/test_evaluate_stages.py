@@ -13,7 +13,7 @@ import torch
 from conftest import PROJECT
 from kava.data import usable_rows, write_split
 from kava.errors import KavaError
-from kava.evaluate import eval_record, heldout_kv, probe_layer_maps
+from kava.evaluate import eval_record, heldout_kv
 from kava.models import load_model, load_tokenizer
 from kava.projector import KVProjector, save_projectors
 from kava.synthetic import generate
@@ -152,17 +152,6 @@ def heldout(student_card, teacher_card, splits, projector, ridge=1e-6):
     return heldout_kv(model, tokenizer, {teacher_card["name"]: projector}, info, probe_maps,
                       [train_manifest], [test_manifest], train_rows, test_rows, max_length=1024,
                       batch_size=2, probe_ridge=ridge)
-
-
-def test_probe_layer_maps_cover_every_teacher_of_the_run():
-    """The teacher an arm learned from keeps its training map; one it did not learn from gets
-    layer_map auto's: the pruned student's own layers for its parent, ratio for another."""
-    info = {"teachers": {"taught": {"layer_map": [0, 0, 5]}}}
-    dims = {"taught": {"num_layers": 6}, "parent": {"num_layers": 12},
-            "other": {"num_layers": 7}}
-    card = {"source": {"derive": {"base": "parent", "keep_layers": [0, 4, 11]}}}
-    maps = probe_layer_maps(info, 3, dims, card)
-    assert maps == {"taught": [0, 0, 5], "parent": [0, 4, 11], "other": [0, 3, 6]}
 
 
 @pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])

@@ -7,7 +7,7 @@ import torch
 from kava import losses
 from kava.config import schema_defaults
 from kava.errors import KavaError
-from kava.losses import KV_LOSSES, TeacherWeights, kd_loss, masked_cosine, with_tail
+from kava.losses import KV_LOSSES, TeacherMixture, kd_loss, masked_cosine, with_tail
 
 # Mercator's alpha and beta as a run gets them: the schema's train defaults.
 TRAIN = schema_defaults("train")
@@ -137,17 +137,17 @@ def test_bad_kind_and_shapes_are_refused():
 # ---- teacher weights --------------------------------------------------------------------------
 
 def test_fixed_weights_are_normalised_and_constant():
-    uniform = TeacherWeights(4, 2, mode="fixed", weights=None)
+    uniform = TeacherMixture(4, 2, mode="fixed", weights=None)
     assert torch.equal(uniform.weights(), torch.full((4, 2), 0.5))
     assert list(uniform.parameters()) == []
-    given = TeacherWeights(4, 2, mode="fixed", weights=[1.0, 3.0])
+    given = TeacherMixture(4, 2, mode="fixed", weights=[1.0, 3.0])
     torch.testing.assert_close(given.weights(), torch.tensor([[0.25, 0.75]]).expand(4, 2))
     losses = torch.tensor([[1.0, 2.0]]).expand(4, 2)
     assert given(losses).item() == pytest.approx(1.75)
 
 
 def test_learned_weights_sum_to_one_per_layer_while_training():
-    weights = TeacherWeights(5, 3, mode="learned", weights=[1.0, 1.0, 2.0])
+    weights = TeacherMixture(5, 3, mode="learned", weights=[1.0, 1.0, 2.0])
     torch.testing.assert_close(weights.weights()[0], torch.tensor([0.25, 0.25, 0.5]))
     optimiser = torch.optim.SGD(weights.parameters(), lr=1.0)
     # Teacher 0 is the easiest to match in every layer: unregularised, the weights move to it.
@@ -162,9 +162,9 @@ def test_learned_weights_sum_to_one_per_layer_while_training():
 
 
 def test_entropy_is_largest_for_uniform_weights_and_pulls_towards_them():
-    assert TeacherWeights(3, 4, mode="learned", weights=None).entropy().item() \
+    assert TeacherMixture(3, 4, mode="learned", weights=None).entropy().item() \
         == pytest.approx(math.log(4))
-    skewed = TeacherWeights(3, 2, mode="learned", weights=[9.0, 1.0])
+    skewed = TeacherMixture(3, 2, mode="learned", weights=[9.0, 1.0])
     assert skewed.entropy().item() < math.log(2)
     (-skewed.entropy()).backward()  # maximising entropy
     assert (skewed.logits.grad[:, 0] > 0).all() and (skewed.logits.grad[:, 1] < 0).all()
@@ -172,13 +172,13 @@ def test_entropy_is_largest_for_uniform_weights_and_pulls_towards_them():
 
 def test_bad_teacher_weights_are_refused():
     with pytest.raises(KavaError, match="must be 2 positive numbers"):
-        TeacherWeights(4, 2, mode="fixed", weights=[1.0, 0.0])
+        TeacherMixture(4, 2, mode="fixed", weights=[1.0, 0.0])
     with pytest.raises(KavaError, match="must be 3 positive numbers"):
-        TeacherWeights(4, 3, mode="fixed", weights=[1.0, 1.0])
+        TeacherMixture(4, 3, mode="fixed", weights=[1.0, 1.0])
     with pytest.raises(KavaError, match="unknown teacher weighting 'greedy'"):
-        TeacherWeights(4, 2, mode="greedy", weights=None)
+        TeacherMixture(4, 2, mode="greedy", weights=None)
     with pytest.raises(KavaError, match=r"expected \[n_layers, n_teachers\] = \[4, 2\]"):
-        TeacherWeights(4, 2, mode="fixed", weights=None)(torch.ones(2, 4))
+        TeacherMixture(4, 2, mode="fixed", weights=None)(torch.ones(2, 4))
 
 
 # ---- logit KD from a stored top-k ----------------------------------------------------------------

@@ -22,7 +22,8 @@ from kava.io import write_json
 from kava.kvstore import KVStore, logits_layout, logits_spec
 from kava.models import load_model, load_tokenizer
 from kava.config import kd_teachers
-from kava.precompute import length_batches, select_layers, teacher_logits
+from kava.layer_maps import layers_to_store
+from kava.precompute import length_batches, teacher_logits
 from test_kvstore import build_store, synthetic_rows
 
 ARCHITECTURES = ["llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text"]
@@ -208,29 +209,29 @@ def test_nf4_teacher_goes_through_the_same_path(tiny_card, tmp_path):
 
 
 def test_layer_selection():
-    assert select_layers("all", 4) == [0, 1, 2, 3]
+    assert layers_to_store("all", 4) == [0, 1, 2, 3]
     pruned = {"num_layers": 10, "source": {"derive": {
         "base": "smollm2", "keep_layers": [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]}}}
     # The teacher the student was pruned from: the layers it kept; any other: the ratio map.
-    assert select_layers("mapped", 30, pruned, "smollm2") == [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
-    assert select_layers("mapped", 30, pruned, "other") == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    assert select_layers([5, 1, 5], 6) == [1, 5]
+    assert layers_to_store("mapped", 30, pruned, "smollm2") == [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]
+    assert layers_to_store("mapped", 30, pruned, "other") == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert layers_to_store([5, 1, 5], 6) == [1, 5]
     # Several arms: every layer one of their maps reads, and every layer when one picks by CKA.
     arms = {"kv": {"layer_map": "auto"}, "ratio": {"layer_map": "ratio"},
             "hand": {"layer_map": "explicit", "explicit_layer_map": {"smollm2": [1] * 10}}}
-    assert select_layers("mapped", 30, pruned, "smollm2", arms) == sorted(
+    assert layers_to_store("mapped", 30, pruned, "smollm2", arms) == sorted(
         {0, 3, 6, 9, 12, 15, 18, 21, 24, 29, 10, 13, 16, 19, 23, 26, 1})
-    assert select_layers("mapped", 30, pruned, "smollm2", {**arms, "c": {"layer_map": "cka"}}) \
+    assert layers_to_store("mapped", 30, pruned, "smollm2", {**arms, "c": {"layer_map": "cka"}}) \
         == list(range(30))
     with pytest.raises(KavaError, match="explicit_layer_map has no entry for teacher other"):
-        select_layers("mapped", 30, pruned, "other", arms)
+        layers_to_store("mapped", 30, pruned, "other", arms)
     with pytest.raises(KavaError, match=r"precompute.layers \[6\] out of range for teacher t"):
-        select_layers([1, 6], 6, teacher="t")
+        layers_to_store([1, 6], 6, teacher="t")
 
 
 def test_mapped_layers_store_only_those(tiny_card, tmp_path):
     card = tiny_card("qwen3")
-    layers = select_layers("mapped", card["num_layers"], {"num_layers": 3, "source": {"random": {}}})
+    layers = layers_to_store("mapped", card["num_layers"], {"num_layers": 3, "source": {"random": {}}})
     store = KVStore(build_store(card, synthetic_rows(2), tmp_path, layers=layers))
     assert store.layers == layers == [0, 2, 3]
     assert set(store.example(0)["k"]) == {0, 2, 3}

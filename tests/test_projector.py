@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import PROJECT
-from kava.align import ratio_layer_map
+from kava.layer_maps import ratio_layer_map
 from kava.errors import KavaError
 from kava.projector import (KVProjector, group_average_init, load_projectors, ridge_solution,
                             save_projectors)

@@ -18,15 +18,16 @@ from transformers import AutoModelForCausalLM
 from conftest import PROJECT
 from kava.batching import (IGNORE_INDEX, collate, example_order, student_example,
                            teacher_inputs, time_alignment)
-from kava.capture import forward_kv
+from kava.capture import forward_kv, student_forward
 from kava.config import arm_configs, schema_defaults
 from kava.data import PROMPT_TEMPLATE, rows_sha256, write_split
 from kava.dims import detect_dims
-from kava.distill import layer_map, layer_scores, student_forward, teacher_kv_std
-from kava.kvfit import cka_layer_maps, kv_cosine
+from kava.distill import layer_scores, teacher_kv_std
 from kava.errors import KavaError
 from kava.io import write_json
+from kava.kvfit import cka_layer_maps, kv_cosine
 from kava.kvstore import KVStore
+from kava.layer_maps import resolve
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import KVProjector, load_projectors, save_projectors
 from kava.synthetic import generate
@@ -554,7 +555,8 @@ def test_student_layer_mapped_beyond_the_teacher_is_refused(world, tmp_path):
     # Stored layers: precompute may keep only some; the map must stay inside them.
     with pytest.raises(KavaError, match=f"student layer 1 maps to teacher {name} layer 1, which "
                                         r"its KV store does not hold \(stored layers: \[0, 3\]\)"):
-        layer_map("ratio", 4, 4, name, [0, 3])
+        resolve({"layer_map": "ratio"}, {"num_layers": 4, "source": {}}, {"model": name, "num_layers": 4},
+                [0, 3])
 
 
 def test_projectors_round_trip_with_their_shapes(tmp_path):
@@ -711,7 +713,7 @@ def test_warmup_does_not_waste_the_first_step():
     assert factors[3] == 1 and all(0 < f <= 1 for f in factors)
 
 
-def test_gradient_alignment_is_logged_and_leaves_training_unchanged(world, tmp_path):
+def test_gradient_agreement_is_logged_and_leaves_training_unchanged(world, tmp_path):
     """diagnose_every holds the last diagnose_examples rows out and logs align/<term> cosines;
     the trained student equals one trained on the other rows without the diagnostic."""
     cfg = dict(steps=2, effective_batch=4, micro_batch=4)
