@@ -114,7 +114,8 @@ def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, **kwargs):
     train(cfg, job=job or job_config(), arm=arm, seed=seed, student_card=world["student"],
           student_dims=world["student_dims"], teachers=teachers or world["teachers"],
           rows=world["rows"], data_info=world["data_info"], env=world["env"],
-          max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt", log=lambda m: None,
+          max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
+          tracker_dir=out / "tb", log=lambda m: None,
           **kwargs)
     return outputs
 
@@ -387,7 +388,8 @@ def stage_command(world, out, cfg, seed=0, job=None):
         "--manifests", *[str(m) for _, _, m in teacher_files],
         "--data", str(world["data"]), "--data-info", str(files["data_info"]),
         "--env", str(files["env"]), "--max-length", str(MAX_LENGTH),
-        "--checkpoint-dir", str(out / "ckpt"), "--student-out", str(out / "student"),
+        "--checkpoint-dir", str(out / "ckpt"), "--tracker-dir", str(out / "tb"),
+        "--student-out", str(out / "student"),
         "--projector-out", str(out / "projector.safetensors"),
         "--metrics-out", str(out / "metrics.jsonl"), "--summary-out", str(out / "train.json")]
 
@@ -757,7 +759,7 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
                         student_card=world["student"], student_dims=world["student_dims"],
                         teachers=teachers, rows=rows, data_info=data_info, env=world["env"],
                         max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
-                        log=lines.append)
+                        tracker_dir=out / "tb", log=lines.append)
         lost = {name: t["tokens_without_target"] for name, t in summary["teachers"].items()}
         # The combining mark is 1 of the student's tokens per row at most: a small fraction.
         assert 0 < lost[teacher["name"]] < 0.1
