@@ -598,7 +598,7 @@ def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
     if step == 0 and rank == 0:
         metrics_path.write_text("")
     _barrier(run.world)
-    tracker.start(step + 1)
+    tracker.start(metrics_path)
     resumed_at, last_checkpoint, t0 = step, step or None, time.perf_counter()
     progress = tqdm(total=cfg["steps"], initial=step, desc=f"train {arm} seed{run.seed}",
                     unit="step", disable=rank != 0)
