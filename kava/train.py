@@ -1,16 +1,18 @@
-"""Train a student and its KV projectors from cached teacher KV, as a recipe: named setup
-builders (setup_data, setup_model, setup_optimizer, setup_scheduler), one train_step that the
-loop, bench/train_step.py and the tests share, and train(), which reads top to bottom:
+"""Train a student and its KV projectors from cached teacher KV, as a recipe (after
+torchtune's): setup() builds a TrainRun from named builders (setup_data, setup_model,
+setup_optimizer, setup_scheduler, mixed precision); train_step(run, batch) is one optimiser step,
+shared by the loop, bench/train_step.py, bench/storage.py and the tests; train() reads top to
+bottom: setup, fit (the loop below), build_summary, publish.
 
     for step in steps:                     # one optimiser step = effective_batch examples
-        batches = step_batches(step)       # each GPU (rank) takes its slice of the step's examples
-        train_step(batches):
-            for micro_batch in batches:
+        batch = step_batches(run, step)    # each GPU (rank) takes its slice of the step's examples
+        train_step(run, batch):
+            for micro_batch in batch:
                 loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
                 backward                       # DDP averages gradients at the last micro-batch
             clip, AdamW step, LR step
-        log one metrics line; every checkpoint_every steps (and on SIGTERM/SIGUSR1/SIGINT)
-        save a checkpoint
+        log one metrics line (metrics file and train_job.tracker); every checkpoint_every steps
+        (and on SIGTERM/SIGUSR1/SIGINT) save a checkpoint
 
 The examples of step k are positions [(k-1)·B, k·B) of an endless stream whose order depends on
 the seed only (kava.batching.example_order), so every arm sees the same data in the same order,
