@@ -58,8 +58,7 @@ from kava.layer_maps import layers_to_store, ratio_layer_map
 from kava.models import load_model, load_tokenizer
 from kava.precompute import precompute_split
 from kava.stats import two_level_bootstrap
-from kava.train import setup_data, setup_model, setup_optimizer, setup_scheduler, step_batches, \
-    train_step
+from kava.train import setup, step_batches, train_step
 
 DTYPES = ("fp32", "bf16", "fp8", "pca")
 FORMATS = [(dtype, layers) for dtype in DTYPES for layers in ("all", "mapped")]
@@ -129,20 +128,15 @@ def quality_arm(card, student, student_dims, teacher_dims, train_rows, test_rows
     """(held-out answer NLL per test row, held-out KV probe R²) of the student after `steps`
     kv-arm steps on `train_store` with `seed`; the probe is scored against the `reference`
     {"train", "test"} stores (bf16, all layers)."""
-    torch.manual_seed(seed)
     cfg = {**default_train_config(), "effective_batch": 4, "micro_batch": 4, "steps": steps,
            "lr": 3e-4, "teachers": [card["name"]]}
     teachers = [{"card": card, "dims": teacher_dims, "manifest": str(train_store)}]
-    data = setup_data(cfg, seed, student, student_dims, teachers, train_rows, MAX_LENGTH)
-    distiller = setup_model(cfg, data, student, student_dims, teachers, torch.device("cpu"))
-    optimizer = setup_optimizer(cfg, distiller)
-    scheduler = setup_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run = setup(cfg, seed=seed, student_card=student, student_dims=student_dims,
+                teachers=teachers, rows=train_rows, max_length=MAX_LENGTH,
+                env={"precision": "fp32"}, device=torch.device("cpu"))
     for step in range(1, steps + 1):
-        batches, ce_items, kv_items = step_batches(data, cfg, seed, step, 0, 1, 4)
-        train_step(distiller, distiller, batches, ce_items, kv_items, optimizer, scheduler,
-                   scaler, torch.autocast("cpu", enabled=False))
-    model = distiller.student.eval()
+        train_step(run, step_batches(run, step))
+    model, data = run.distiller.student.eval(), run.data
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in test_rows))
     with torch.inference_mode():
         nlls = answer_nll(model, data.tokenizer, prompts, answers, 8)

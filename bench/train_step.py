@@ -1,7 +1,7 @@
 """One training step with the teachers run online (the design of the user's earlier system)
 against one from the teachers' stored KV, on the same student, teachers and batch.
 
-Both steps are kava's own: the training recipe's setup (kava.train.setup_data, setup_model) and
+Both steps are kava's own: the training recipe's kava.train.setup and
 its kava.train.train_step (CE + KV loss, clipping, AdamW and LR step); they differ only in where
 the teacher K/V come from:
 - online: every step tokenises the batch with each teacher's tokenizer and runs the teacher's
@@ -41,8 +41,7 @@ from kava.layer_maps import auto_layer_map, pruned_from
 from kava.models import load_model, load_tokenizer, materialize
 from kava.paths import run_paths
 from kava.precompute import pad_batch, precompute_shard, tokenizer_identity
-from kava.train import (mixed_precision, setup_data, setup_model, setup_optimizer,
-                        setup_scheduler, step_batches, train_step)
+from kava.train import StepBatch, setup, step_batches, train_step
 
 def default_train_config():
     """The schema's train defaults, as one kv arm sees them."""
@@ -121,16 +120,14 @@ def run_side(mode, workdir, args):
     """One side's steps in this process: {"step_s": [...], "peak_mb": ...}."""
     torch.set_num_threads(args.threads)
     world = read_json(Path(workdir) / "world.json")
-    cfg = {**default_train_config(), "effective_batch": args.batch}
+    cfg = {**default_train_config(), "effective_batch": args.batch, "micro_batch": args.batch}
     device = job_device()
-    autocast, scaler = mixed_precision(job_precision(), device)
     teachers = [{"card": t["card"], "dims": t["dims"], "manifest": t["manifest"]}
                 for t in world["teachers"].values()]
-    data = setup_data(cfg, 0, world["student"], world["student_dims"], teachers, world["rows"],
-                      args.max_length)
-    distiller = setup_model(cfg, data, world["student"], world["student_dims"], teachers, device)
-    optimizer = setup_optimizer(cfg, distiller)
-    scheduler = setup_scheduler(cfg, optimizer)
+    run = setup(cfg, seed=0, student_card=world["student"], student_dims=world["student_dims"],
+                teachers=teachers, rows=world["rows"], max_length=args.max_length,
+                env={"precision": job_precision()}, device=device)
+    data = run.data
     if mode == "online":
         models = {name: (load_model(t["card"], compute_dtype("auto")[1], device),
                           load_tokenizer(t["card"]["dir"])) for name, t in world["teachers"].items()}
@@ -138,18 +135,17 @@ def run_side(mode, workdir, args):
         torch.cuda.reset_peak_memory_stats()
 
     def step(number):
-        batches, ce_items, kv_items = step_batches(data, cfg, 0, number, 0, 1, args.batch)
+        batch = step_batches(run, number)
         if mode == "online":
             inputs = {name: (online_teacher_examples(*models[name], world["rows"], t["layers"],
                                                      args.max_length, device),
                              t["layers"], (t["dims"]["num_kv_heads"], t["dims"]["head_dim"]))
                       for name, t in world["teachers"].items()}
-            batches = [collate(data.students, inputs, pad_id(data.tokenizer), data.alignment)]
-            ce_items = sum(data.ce_valid)
-            kv_items = {name: int(targets.mask.sum())
-                        for name, targets in batches[0].teachers.items()}
-        train_step(distiller, distiller, batches, ce_items, kv_items, optimizer, scheduler,
-                   scaler, autocast)
+            online = collate(data.students, inputs, pad_id(data.tokenizer), data.alignment)
+            batch = StepBatch([online], sum(data.ce_valid),
+                              {name: int(targets.mask.sum())
+                               for name, targets in online.teachers.items()})
+        train_step(run, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -1,16 +1,18 @@
-"""Train a student and its KV projectors from cached teacher KV, as a recipe: named setup
-builders (setup_data, setup_model, setup_optimizer, setup_scheduler), one train_step that the
-loop, bench/train_step.py and the tests share, and train(), which reads top to bottom:
+"""Train a student and its KV projectors from cached teacher KV, as a recipe (after
+torchtune's): setup() builds a TrainRun from named builders (setup_data, setup_model,
+setup_optimizer, setup_scheduler, mixed precision); train_step(run, batch) is one optimiser step,
+shared by the loop, bench/train_step.py, bench/storage.py and the tests; train() reads top to
+bottom: setup, fit (the loop below), build_summary, publish.
 
     for step in steps:                     # one optimiser step = effective_batch examples
-        batches = step_batches(step)       # each GPU (rank) takes its slice of the step's examples
-        train_step(batches):
-            for micro_batch in batches:
+        batch = step_batches(run, step)    # each GPU (rank) takes its slice of the step's examples
+        train_step(run, batch):
+            for micro_batch in batch:
                 loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
                 backward                       # DDP averages gradients at the last micro-batch
             clip, AdamW step, LR step
-        log one metrics line; every checkpoint_every steps (and on SIGTERM/SIGUSR1/SIGINT)
-        save a checkpoint
+        log one metrics line (metrics file and train_job.tracker); every checkpoint_every steps
+        (and on SIGTERM/SIGUSR1/SIGINT) save a checkpoint
 
 The examples of step k are positions [(k-1)·B, k·B) of an endless stream whose order depends on
 the seed only (kava.batching.example_order), so every arm sees the same data in the same order,
@@ -53,6 +55,7 @@ from kava.layer_maps import resolve
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
+from kava.tracking import Tracker
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -236,23 +239,6 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                      key_space, ce_valid, kv_valid, kv_lost, partner, held_out)
 
 
-def step_batches(data, cfg, seed, step, rank, world, micro):
-    """The micro-batches of `step` on this process, and the step's answer tokens and valid KV
-    tokens per teacher over all processes (the denominators of its losses)."""
-    batch_ids = example_order(len(data.students), seed, (step - 1) * cfg["effective_batch"],
-                              cfg["effective_batch"])
-    per_rank = cfg["effective_batch"] // world
-    mine = batch_ids[rank * per_rank:(rank + 1) * per_rank]
-    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-    batches = [collate([data.students[i] for i in chunk],
-                       teacher_inputs(data.stores, data.positions, chunk, data.used_layers),
-                       pad_id(data.tokenizer), data.alignment)
-               for chunk in chunks]
-    ce_items = sum(data.ce_valid[i] for i in batch_ids)
-    kv_items = {name: sum(data.kv_valid[name][i] for i in batch_ids) for name in data.stores}
-    return batches, ce_items, kv_items
-
-
 def setup_model(cfg, data, student_card, student_dims, teachers, device):
     """The Distiller: the student from its card, one projector per teacher (ridge ones fitted
     in closed form on train KV before any step), the teacher weights and the teachers' fixed KV
@@ -314,6 +300,57 @@ def setup_scheduler(cfg, optimizer):
         optimizer, functools.partial(lr_factor, warmup=warmup, steps=cfg["steps"]))
 
 
+def distribute(cfg, distiller, world, device):
+    """The distiller as the loop runs it: wrapped in DDP when several processes train."""
+    if world == 1:
+        return distiller
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Projectors get no gradient in a CE-only arm without probe_projector, or frozen.
+    unused = (cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
+    return DistributedDataParallel(distiller, find_unused_parameters=unused,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@dataclass
+class TrainRun:
+    """One arm x seed, set up: what the loop steps and the benches time."""
+    cfg: dict                 # the arm's train config
+    seed: int
+    teachers: list            # the arm's teachers: [{"card", "dims", "manifest"}]
+    data: TrainData
+    distiller: Distiller      # student, projectors, teacher weights, the teachers' KV scales
+    model: torch.nn.Module    # the distiller as run: DDP-wrapped over several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    precision: str            # resolved: fp32, bf16 or fp16
+    micro_batch: int          # examples per forward on this process
+    device: torch.device
+    rank: int
+    world: int
+
+
+def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, env, device,
+          cka_maps=None, rank=0, world=1):
+    """Everything one arm x seed trains with: the arm's teachers and their data, the Distiller,
+    the optimiser, the LR schedule and mixed precision. env: env.json (precision and micro-batch
+    when the config says auto)."""
+    precision = resolve_precision(cfg["precision"], env["precision"])
+    micro = micro_batch_size(cfg, env, world)
+    torch.manual_seed(seed)  # projector init; the student starts from its card's weights
+    teachers = arm_teachers(cfg, teachers)
+    data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps)
+    distiller = setup_model(cfg, data, student_card, student_dims, teachers, device)
+    model = distribute(cfg, distiller, world, device)
+    optimizer = setup_optimizer(cfg, distiller)
+    scheduler = setup_scheduler(cfg, optimizer)
+    autocast, scaler = mixed_precision(precision, device)
+    return TrainRun(cfg, seed, teachers, data, distiller, model, optimizer, scheduler, autocast,
+                    scaler, precision, micro, device, rank, world)
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 
 def latest_checkpoint(checkpoint_dir):
@@ -324,20 +361,19 @@ def latest_checkpoint(checkpoint_dir):
     return path if (path / "state.pt").is_file() else None
 
 
-def save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler, scaler, identity,
-                    elapsed, metrics_path):
+def save_checkpoint(checkpoint_dir, step, run, identity, elapsed, metrics_path):
     """Write step-<n>/ atomically, point `latest` at it, then drop older ones."""
     checkpoint_dir = Path(checkpoint_dir)
     name = f"step-{step:08d}"
     with atomic_path(checkpoint_dir / name, is_dir=True) as tmp:
-        save_model(distiller, str(tmp / "model.safetensors"))
+        save_model(run.distiller, str(tmp / "model.safetensors"))
         torch.save({
             "step": step,
             "elapsed": elapsed,
             "identity": identity,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }, tmp / "state.pt")
@@ -350,8 +386,7 @@ def save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler, scale
     return checkpoint_dir / name
 
 
-def resume(checkpoint_dir, identity, distiller, optimizer, scheduler, scaler, metrics_path,
-           rank, log):
+def resume(checkpoint_dir, identity, run, metrics_path, log):
     """Load the latest checkpoint into the run: (step, elapsed); (0, 0.0) for a fresh start.
 
     A checkpoint of this same run made against other KV shards is refused; one made under
@@ -374,14 +409,14 @@ def resume(checkpoint_dir, identity, distiller, optimizer, scheduler, scaler, me
                 f"checkpoint {path} was made against other KV shards of teacher {teacher} "
                 f"(its manifest changed since); refusing to resume. Delete {checkpoint_dir} "
                 f"to train from the start on the new shards")
-    load_model(distiller, str(path / "model.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    load_model(run.distiller, str(path / "model.safetensors"))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if rank == 0:
+    if run.rank == 0:
         shutil.copyfile(path / "metrics.jsonl", metrics_path)
     log(f"resumed from {path} (step {state['step']})")
     return state["step"], state["elapsed"]
@@ -411,34 +446,78 @@ class StopSignals:
 
 # ---- one step -----------------------------------------------------------------------------
 
-def train_step(model, distiller, batches, ce_items, kv_items, optimizer, scheduler, scaler,
-               autocast, stop=None, world=1):
-    """One optimiser step over this process's micro-batches: forward and backward of each
-    (gradients synchronised at the last), the step's statistics summed over micro-batches and
-    processes, clipping, the AdamW and LR steps. Returns the statistics and whether any process
-    received a stop signal. Raises NonFinite, before updating, if the loss or (without fp16
-    loss scaling) the gradient norm is not finite."""
-    device = next(distiller.parameters()).device
-    sums = None
-    for j, batch in enumerate(batches):
-        batch = batch.to(device)
-        last = j == len(batches) - 1
-        with (model.no_sync() if world > 1 and not last else nullcontext()):
-            with autocast:
-                loss, stats = model(batch, ce_items, kv_items, len(batches))
-            # DDP averages gradients over processes; each process's loss is its share of the
-            # step's sum, so scale back up to get the sum.
-            scaler.scale(loss * world).backward()
-        stats = {k: v.double() for k, v in stats.items()}
-        sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
-    stopping = _reduce(sums, stop, world, device)
+@dataclass
+class StepBatch:
+    """One optimiser step's examples on this process, and the denominators of its losses,
+    counted over all processes."""
+    micro_batches: list       # kava.batching collated batches, micro_batch examples each
+    ce_items: int             # answer tokens of the whole step
+    kv_items: dict            # {teacher: valid KV tokens of the whole step}
+
+
+def step_batches(run, step):
+    """This process's micro-batches of optimiser step `step` (1-based)."""
+    data, effective = run.data, run.cfg["effective_batch"]
+    batch_ids = example_order(len(data.students), run.seed, (step - 1) * effective, effective)
+    per_rank = effective // run.world
+    mine = batch_ids[run.rank * per_rank:(run.rank + 1) * per_rank]
+    chunks = [mine[i:i + run.micro_batch] for i in range(0, len(mine), run.micro_batch)]
+    micro_batches = [collate([data.students[i] for i in chunk],
+                             teacher_inputs(data.stores, data.positions, chunk, data.used_layers),
+                             pad_id(data.tokenizer), data.alignment)
+                     for chunk in chunks]
+    return StepBatch(micro_batches, sum(data.ce_valid[i] for i in batch_ids),
+                     {name: sum(data.kv_valid[name][i] for i in batch_ids)
+                      for name in data.stores})
+
+
+def train_step(run, batch, stop=None):
+    """One optimiser step over this process's micro-batches: the summed statistics, clipping,
+    the AdamW and LR steps. Returns the statistics and whether any process received a stop
+    signal. Raises NonFinite, before updating, if the loss or (without fp16 loss scaling) the
+    gradient norm is not finite."""
+    sums = _forward_backward(run, batch)
+    stopping = _reduce(sums, stop, run.world, run.device)
     sums = {k: v.cpu() for k, v in sums.items()}
     ce, l2 = float(sums["ce"]), float(sums["l2"])
-    loss_value = distiller.objective(ce, sums["kv"].float().to(device), l2)
-    if not math.isfinite(loss_value) or not math.isfinite(ce):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFinite(f"loss is {loss_value} (ce {ce})")
-    scaler.unscale_(optimizer)
+    loss = run.distiller.objective(ce, sums["kv"].float().to(run.device), l2)
+    if not math.isfinite(loss) or not math.isfinite(ce):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"loss is {loss} (ce {ce})")
+    grad_norms = _clip_gradients(run)
+    lrs = run.scheduler.get_last_lr()
+    weights = run.distiller.teacher_mixture.weights().detach().cpu()  # before the update
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "ce": ce, "l2": l2, "kv": sums["kv"], "cos": sums["cos"],
+            "tokens": float(sums["tokens"]), "lrs": lrs, "weights": weights,
+            "grad_norms": grad_norms}, stopping
+
+
+def _forward_backward(run, batch):
+    """Forward and backward of each micro-batch (DDP synchronises gradients at the last); the
+    step's statistics summed over micro-batches, in float64."""
+    sums = None
+    for j, micro in enumerate(batch.micro_batches):
+        last = j == len(batch.micro_batches) - 1
+        with (run.model.no_sync() if run.world > 1 and not last else nullcontext()):
+            with run.autocast:
+                loss, stats = run.model(micro.to(run.device), batch.ce_items, batch.kv_items,
+                                        len(batch.micro_batches))
+            # DDP averages gradients over processes; each process's loss is its share of the
+            # step's sum, so scale back up to get the sum.
+            run.scaler.scale(loss * run.world).backward()
+        stats = {k: v.double() for k, v in stats.items()}
+        sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+    return sums
+
+
+def _clip_gradients(run):
+    """(student, projector) gradient norms before clipping each group to max_grad_norm."""
+    run.scaler.unscale_(run.optimizer)
+    distiller = run.distiller
     # Clipped apart: the projectors' gradients must not rescale the student's step (in the CE
     # baseline they would otherwise change it).
     projector_params = [*distiller.projectors.parameters(),
@@ -446,160 +525,156 @@ def train_step(model, distiller, batches, ce_items, kv_items, optimizer, schedul
     grad_norm, projector_grad_norm = (
         float(torch.nn.utils.clip_grad_norm_(params, distiller.loss_cfg["max_grad_norm"]))
         for params in (distiller.student.parameters(), projector_params))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():
-        optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(grad_norm) and not run.scaler.is_enabled():
+        run.optimizer.zero_grad(set_to_none=True)
         raise NonFinite(f"gradient norm is {grad_norm}")
-    lrs = scheduler.get_last_lr()
-    weights = distiller.teacher_mixture.weights().detach().cpu()  # before the update
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_value, "ce": ce, "l2": l2, "kv": sums["kv"], "cos": sums["cos"],
-            "tokens": float(sums["tokens"]), "lrs": lrs, "weights": weights,
-            "grad_norms": (grad_norm, projector_grad_norm)}, stopping
+    return grad_norm, projector_grad_norm
 
 
 # ---- the run ------------------------------------------------------------------------------
 
 def train(cfg, *, job, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
-          max_length, outputs, checkpoint_dir, cka_maps=None, log=print):
-    """Train one arm × seed; rank 0 writes `outputs` (student dir, projector, metrics,
-    summary paths). cfg: the arm's train config, what is computed (and the checkpoints'
-    identity); job: the train_job section, how the job runs (checkpoint_every,
-    max_tokens_without_target). teachers: [{"card", "dims", "manifest"}] in config order.
-    Returns the summary (train.json) on rank 0, None elsewhere."""
+          max_length, outputs, checkpoint_dir, tracker_dir, cka_maps=None, log=print):
+    """Train one arm x seed; rank 0 writes `outputs` (student dir, projector, metrics,
+    summary paths) and the live curves (train_job.tracker) to `tracker_dir`. cfg: the arm's
+    train config, what is computed (and the checkpoints' identity); job: the train_job section,
+    how the job runs. teachers: [{"card", "dims", "manifest"}] in config order. Returns the
+    summary (train.json) on rank 0, None elsewhere."""
     rank, world, device = init_distributed()
     try:
-        return _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data_info,
-                      env, max_length, outputs, Path(checkpoint_dir), cka_maps, log, rank, world,
-                      device)
+        started = time.perf_counter()
+        checkpoint_dir = Path(checkpoint_dir)
+        # Opened before the setup's minutes: a tracker whose library is missing stops the job.
+        with Tracker(job["tracker"] if rank == 0 else "none", tracker_dir, f"{arm}-seed{seed}",
+                     cfg) as tracker:
+            run = setup(cfg, seed=seed, student_card=student_card, student_dims=student_dims,
+                        teachers=teachers, rows=rows, max_length=max_length, env=env,
+                        device=device, cka_maps=cka_maps, rank=rank, world=world)
+            identity = run_identity(run, arm, student_card, data_info)
+            resumed_at, metrics_path = fit(run, arm, job, identity, checkpoint_dir, tracker, log)
+        summary = None
+        if rank == 0:
+            summary = build_summary(run, arm, job, identity, data_info, student_card,
+                                    resumed_at, time.perf_counter() - started)
+            warn_uncovered_tokens(run.data, job, log)
+            _publish(run, metrics_path, summary, outputs)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        _barrier(world)
+        return summary
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, job, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
-           max_length, outputs, checkpoint_dir, cka_maps, log, rank, world, device):
-    started = time.perf_counter()
-    precision = resolve_precision(cfg["precision"], env["precision"])
-    micro = micro_batch_size(cfg, env, world)
-    torch.manual_seed(seed)  # projector init; the student starts from its card's weights
-
-    # Setup: data, model, optimiser, schedule, mixed precision.
-    teachers = arm_teachers(cfg, teachers)
-    data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps)
-    distiller = setup_model(cfg, data, student_card, student_dims, teachers, device)
-    model = distiller
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Projectors get no gradient in a CE-only arm without probe_projector, or frozen.
-        unused = (cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
-        model = DistributedDataParallel(distiller, find_unused_parameters=unused,
-                                        device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = setup_optimizer(cfg, distiller)
-    scheduler = setup_scheduler(cfg, optimizer)
-    autocast, scaler = mixed_precision(precision, device)
-
-    # Resume from the latest checkpoint of this very run, if any.
-    identity = {
-        "config": fingerprint(cfg),
-        "arm": arm, "seed": seed, "student": student_card["weights_sha256"],
+def run_identity(run, arm, student_card, data_info):
+    """What a checkpoint must match to be resumed: this config, arm, seed, student, data and
+    the teachers' stores."""
+    return {
+        "config": fingerprint(run.cfg),
+        "arm": arm, "seed": run.seed, "student": student_card["weights_sha256"],
         "data": data_info["splits"]["train"]["sha256"],
         "manifests": {name: manifest_identity(store.manifest)
-                      for name, store in data.stores.items()},
+                      for name, store in run.data.stores.items()},
     }
+
+
+def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
+    """Step from the latest checkpoint of this run (or the start) to the last step: one metrics
+    line per step (to the live metrics file and the tracker), a checkpoint every
+    checkpoint_every steps and at a stop signal. Returns (step resumed from, metrics file)."""
+    cfg, rank = run.cfg, run.rank
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = checkpoint_dir / "metrics.live.jsonl"
-    step, elapsed_before = resume(checkpoint_dir, identity, distiller, optimizer, scheduler,
-                                  scaler, metrics_path, rank, log)
+    step, elapsed_before = resume(checkpoint_dir, identity, run, metrics_path, log)
     if step == 0 and rank == 0:
         metrics_path.write_text("")
-    _barrier(world)
-    resumed_at = step
-    last_checkpoint = step if step else None
-    t0 = time.perf_counter()
-
-    progress = tqdm(total=cfg["steps"], initial=step, desc=f"train {arm} seed{seed}",
+    _barrier(run.world)
+    tracker.start(metrics_path)
+    resumed_at, last_checkpoint, t0 = step, step or None, time.perf_counter()
+    progress = tqdm(total=cfg["steps"], initial=step, desc=f"train {arm} seed{run.seed}",
                     unit="step", disable=rank != 0)
     with progress, StopSignals() as stop:
         while step < cfg["steps"]:
             step += 1
             step_start = time.perf_counter()
             # One optimiser step over this step's examples (diagnosed first, every so often).
-            batches, ce_items, kv_items = step_batches(data, cfg, seed, step, rank, world, micro)
+            batch = step_batches(run, step)
             agreement = {}
             if rank == 0 and cfg["diagnose_every"] and step % cfg["diagnose_every"] == 0:
-                agreement = diagnose(distiller, batches[0], data.held_out)
+                agreement = diagnose(run.distiller, batch.micro_batches[0], run.data.held_out)
             try:
-                result, stopping = train_step(model, distiller, batches, ce_items, kv_items,
-                                              optimizer, scheduler, scaler, autocast, stop, world)
+                result, stopping = train_step(run, batch, stop)
             except NonFinite as err:
-                raise KavaError(f"arm {arm} seed {seed}: {err} at step {step}; stopped. "
+                raise KavaError(f"arm {arm} seed {run.seed}: {err} at step {step}; stopped. "
                                 + _kept(checkpoint_dir, last_checkpoint)) from None
             # Log it.
             now = time.perf_counter()
             if rank == 0:
-                line = _metrics_line(step, result, list(data.stores), now - step_start,
+                line = _metrics_line(step, result, list(run.data.stores), now - step_start,
                                      elapsed_before + now - t0,
                                      cfg["teacher_weighting"] == "learned", agreement)
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
+                tracker.log(line)
                 progress.set_postfix(loss=f"{result['loss']:.3f}", ce=f"{result['ce']:.3f}")
                 progress.update(1)
             # Checkpoint it (the last step needs none: the outputs come next), or stop.
             if stopping or (step % job["checkpoint_every"] == 0 and step < cfg["steps"]):
                 if rank == 0:
-                    save_checkpoint(checkpoint_dir, step, distiller, optimizer, scheduler,
-                                    scaler, identity, elapsed_before + now - t0, metrics_path)
+                    save_checkpoint(checkpoint_dir, step, run, identity,
+                                    elapsed_before + now - t0, metrics_path)
                 last_checkpoint = step
-                _barrier(world)
+                _barrier(run.world)
             if stopping:
-                raise Interrupted(f"arm {arm} seed {seed}: stopped by {stop.received or 'a peer'}"
-                                  f" at step {step}; checkpoint saved in {checkpoint_dir}; rerun "
-                                  f"to resume")
+                raise Interrupted(f"arm {arm} seed {run.seed}: stopped by "
+                                  f"{stop.received or 'a peer'} at step {step}; checkpoint saved "
+                                  f"in {checkpoint_dir}; rerun to resume")
+    return resumed_at, metrics_path
 
-    summary = None
-    if rank == 0:
-        summary = {
-            "arm": arm, "seed": seed, "config": cfg, "job": job,
-            "steps": cfg["steps"], "resumed_from_step": resumed_at,
-            "examples": len(data.students),
-            "examples_without_answer_tokens": sum(1 for n in data.ce_valid if n == 0),
-            "effective_batch": cfg["effective_batch"],
-            "micro_batch": micro, "processes": world, "device": device.type,
-            "precision": precision, "key_space": data.key_space,
-            "time_alignment": data.alignment, "kv_shuffled_partner": data.partner,
-            "data": data_info,
-            "student": {"name": student_card["name"],
-                        "weights_sha256": student_card["weights_sha256"]},
-            "teachers": {name: {"manifest": str(t["manifest"]),
-                                "identity": identity["manifests"][name],
-                                "layer_map": data.layer_maps[name],
-                                "layer_map_reason": data.layer_map_reasons[name],
-                                "projector": distiller.projectors[name].kind,
-                                "projector_direction": distiller.projectors[name].direction,
-                                "kv_std": distiller.teacher_std[k].tolist(),
-                                "tokens_without_target": data.kv_lost[name],
-                                "weights": distiller.teacher_mixture.weights()[:, k].tolist()}
-                         for k, (name, t) in enumerate(zip(data.stores, teachers))},
-            "wall_s": round(time.perf_counter() - started, 3),
-        }
-        for name, lost in data.kv_lost.items():
-            # A tokenizer that normalises text (NFC) can leave student tokens uncovered: they
-            # are masked, which is right, but many of them starve the KV loss unseen.
-            if lost > job["max_tokens_without_target"]:
-                log(f"warning: teacher {name}: {lost:.1%} of the student's tokens have no teacher "
-                    f"token covering them and get no KV target (above "
-                    f"train_job.max_tokens_without_target {job['max_tokens_without_target']:.1%})")
-            elif lost:
-                log(f"teacher {name}: {lost:.1%} of the student's tokens have no teacher token "
-                    f"covering them and get no KV target (masked)")
-        _publish(distiller, data.tokenizer, metrics_path, summary, outputs)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    _barrier(world)
-    return summary
+
+def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, wall_s):
+    """train.json: the run's settings, data, student and, per teacher, its store, layer map,
+    projector, KV scale, uncovered tokens and weights."""
+    data, distiller = run.data, run.distiller
+    return {
+        "arm": arm, "seed": run.seed, "config": run.cfg, "job": job,
+        "steps": run.cfg["steps"], "resumed_from_step": resumed_at,
+        "examples": len(data.students),
+        "examples_without_answer_tokens": sum(1 for n in data.ce_valid if n == 0),
+        "effective_batch": run.cfg["effective_batch"],
+        "micro_batch": run.micro_batch, "processes": run.world, "device": run.device.type,
+        "precision": run.precision, "key_space": data.key_space,
+        "time_alignment": data.alignment, "kv_shuffled_partner": data.partner,
+        "data": data_info,
+        "student": {"name": student_card["name"],
+                    "weights_sha256": student_card["weights_sha256"]},
+        "teachers": {name: {"manifest": str(t["manifest"]),
+                            "identity": identity["manifests"][name],
+                            "layer_map": data.layer_maps[name],
+                            "layer_map_reason": data.layer_map_reasons[name],
+                            "projector": distiller.projectors[name].kind,
+                            "projector_direction": distiller.projectors[name].direction,
+                            "kv_std": distiller.teacher_std[k].tolist(),
+                            "tokens_without_target": data.kv_lost[name],
+                            "weights": distiller.teacher_mixture.weights()[:, k].tolist()}
+                     for k, (name, t) in enumerate(zip(data.stores, run.teachers))},
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def warn_uncovered_tokens(data, job, log):
+    """Log each teacher's share of student tokens without a KV target; warn above
+    train_job.max_tokens_without_target."""
+    for name, lost in data.kv_lost.items():
+        # A tokenizer that normalises text (NFC) can leave student tokens uncovered: they are
+        # masked, which is right, but many of them starve the KV loss unseen.
+        if lost > job["max_tokens_without_target"]:
+            log(f"warning: teacher {name}: {lost:.1%} of the student's tokens have no teacher "
+                f"token covering them and get no KV target (above "
+                f"train_job.max_tokens_without_target {job['max_tokens_without_target']:.1%})")
+        elif lost:
+            log(f"teacher {name}: {lost:.1%} of the student's tokens have no teacher token "
+                f"covering them and get no KV target (masked)")
 
 
 def _reduce(sums, stop, world, device):
@@ -654,12 +729,12 @@ def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, agre
     return line
 
 
-def _publish(distiller, tokenizer, metrics_path, summary, outputs):
+def _publish(run, metrics_path, summary, outputs):
     """The stage's outputs, each under a temporary name until complete."""
     with atomic_path(outputs["student"], is_dir=True) as tmp:
-        distiller.student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    save_projectors(dict(distiller.projectors.items()), outputs["projector"])
+        run.distiller.student.save_pretrained(tmp)
+        run.data.tokenizer.save_pretrained(tmp)
+    save_projectors(dict(run.distiller.projectors.items()), outputs["projector"])
     with atomic_path(outputs["metrics"]) as tmp:
         shutil.copyfile(metrics_path, tmp)
     write_json(outputs["summary"], summary)

@@ -29,7 +29,7 @@ def main(args):
           max_length=args.max_length,
           outputs={"student": args.student_out, "projector": args.projector_out,
                    "metrics": args.metrics_out, "summary": args.summary_out},
-          checkpoint_dir=args.checkpoint_dir,
+          checkpoint_dir=args.checkpoint_dir, tracker_dir=args.tracker_dir,
           cka_maps=read_json(args.cka_maps) if args.cka_maps else None)
 
 
@@ -53,6 +53,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--cka-maps", help="layer maps from the cka stage (layer_map: cka)")
     parser.add_argument("--checkpoint-dir", required=True, help="not an output: survives reruns")
+    parser.add_argument("--tracker-dir", required=True,
+                        help="the live curves' folder (train_job.tracker); not an output: a "
+                             "resumed job keeps the curves of the steps it does not redo")
     parser.add_argument("--student-out", required=True)
     parser.add_argument("--projector-out", required=True)
     parser.add_argument("--metrics-out", required=True)

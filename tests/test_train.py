@@ -115,7 +115,8 @@ def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, **kwargs):
     train(cfg, job=job or job_config(), arm=arm, seed=seed, student_card=world["student"],
           student_dims=world["student_dims"], teachers=teachers or world["teachers"],
           rows=world["rows"], data_info=world["data_info"], env=world["env"],
-          max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt", log=lambda m: None,
+          max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
+          tracker_dir=out / "tb", log=lambda m: None,
           **kwargs)
     return outputs
 
@@ -388,7 +389,8 @@ def stage_command(world, out, cfg, seed=0, job=None):
         "--manifests", *[str(m) for _, _, m in teacher_files],
         "--data", str(world["data"]), "--data-info", str(files["data_info"]),
         "--env", str(files["env"]), "--max-length", str(MAX_LENGTH),
-        "--checkpoint-dir", str(out / "ckpt"), "--student-out", str(out / "student"),
+        "--checkpoint-dir", str(out / "ckpt"), "--tracker-dir", str(out / "tb"),
+        "--student-out", str(out / "student"),
         "--projector-out", str(out / "projector.safetensors"),
         "--metrics-out", str(out / "metrics.jsonl"), "--summary-out", str(out / "train.json")]
 
@@ -439,6 +441,29 @@ def assert_same_outputs(out, reference):
                      for line in metrics(reference / "metrics.jsonl")]
 
 
+def tensorboard_curves(folder):
+    """{tag: [(step, value)]} of the scalars in a folder of TensorBoard event files, read the
+    way TensorBoard reads them (purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def assert_curves_match_metrics(out):
+    """Every metrics.jsonl value is a scalar at its step in out/tb, each step once."""
+    lines = metrics(out / "metrics.jsonl")
+    curves = tensorboard_curves(out / "tb")
+    assert set(curves) == {key for line in lines for key in line} - {"step"}
+    for tag, points in curves.items():
+        want = [(line["step"], line[tag]) for line in lines if tag in line]
+        assert [step for step, _ in points] == [step for step, _ in want]
+        # Event files hold float32.
+        assert [value for _, value in points] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
 def test_kill_mid_run_then_rerun_gives_identical_weights(world, long_reference, tmp_path):
     args = stage_command(world, tmp_path, long_config(), job=long_job())
     process = start_stage(args)
@@ -452,6 +477,8 @@ def test_kill_mid_run_then_rerun_gives_identical_weights(world, long_reference, 
     assert "resumed from" in resumed.stdout
     assert json.loads((tmp_path / "train.json").read_text())["resumed_from_step"] >= 8
     assert_same_outputs(tmp_path, long_reference)
+    # The curves of the killed attempt (unflushed, or past the checkpoint) are not doubled.
+    assert_curves_match_metrics(tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -473,6 +500,7 @@ def test_stop_signal_checkpoints_exits_nonzero_and_resumes(world, long_reference
                                  text=True)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert_same_outputs(tmp_path, long_reference)
+        assert_curves_match_metrics(tmp_path)
 
 
 def test_ddp_two_gloo_processes_equal_one(world, tmp_path):
@@ -759,7 +787,7 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
                         student_card=world["student"], student_dims=world["student_dims"],
                         teachers=teachers, rows=rows, data_info=data_info, env=world["env"],
                         max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
-                        log=lines.append)
+                        tracker_dir=out / "tb", log=lines.append)
         lost = {name: t["tokens_without_target"] for name, t in summary["teachers"].items()}
         # The combining mark is 1 of the student's tokens per row at most: a small fraction.
         assert 0 < lost[teacher["name"]] < 0.1
@@ -769,3 +797,27 @@ def test_tokens_without_a_kv_target_are_a_fraction_per_teacher_and_warned(world,
         assert warned == [f"warning: teacher {teacher['name']}: {lost[teacher['name']]:.1%} of "
                           f"the student's tokens have no teacher token covering them and get no "
                           f"KV target (above train_job.max_tokens_without_target 0.0%)"][:warnings]
+
+
+def test_metrics_are_live_tensorboard_scalars(world, tmp_path):
+    """train_job.tracker tensorboard (the default) writes each metrics line as scalars at its
+    step into the job's tb folder; none writes nothing there."""
+    cfg = train_config(steps=3, effective_batch=4, micro_batch=2, teacher_weighting="learned",
+                       diagnose_every=2, diagnose_examples=4)
+    run(world, tmp_path / "tb_run", cfg)
+    assert_curves_match_metrics(tmp_path / "tb_run")
+    assert "align/ce" in tensorboard_curves(tmp_path / "tb_run" / "tb")
+    run(world, tmp_path / "quiet", cfg, job=job_config(tracker="none"))
+    assert (tmp_path / "quiet" / "train.json").exists()
+    assert not (tmp_path / "quiet" / "tb").exists()
+
+
+def test_a_tracker_whose_package_is_missing_is_named_before_setup(world, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(KavaError, match=r"^train_job.tracker is wandb, but its package wandb is "
+                                        r"not installed: pip install wandb"):
+        run(world, tmp_path / "out", train_config(steps=1), job=job_config(tracker="wandb"))
+    assert not (tmp_path / "out").exists()

@@ -51,6 +51,7 @@ rule train:
         job=as_json(config["train_job"]),
         max_length=config["data"]["max_length"],
         checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
+        tracker_dir=f"{TRAIN}/tb",
         launcher=train_launcher,
         cka=lambda w, input: path_arg("--cka-maps", input.cka),
     resources:
@@ -69,6 +70,7 @@ rule train:
         "--teacher-cards {input.teacher_cards:q} --teacher-dims {input.teacher_dims:q} "
         "--manifests {input.manifests:q} --data {input.data:q} --data-info {input.data_info:q} "
         "--env {input.env:q} --max-length {params.max_length} {params.cka} "
-        "--checkpoint-dir {params.checkpoint_dir:q} --student-out {output.student:q} "
+        "--checkpoint-dir {params.checkpoint_dir:q} --tracker-dir {params.tracker_dir:q} "
+        "--student-out {output.student:q} "
         "--projector-out {output.projector:q} --metrics-out {output.metrics:q} "
         "--summary-out {output.summary:q} > {log:q} 2>&1"
