@@ -253,3 +253,15 @@ EVAL_FILES = {
                  if f"teacher-{t}" in EVALUATED},
     "arms": {arm: {seed: f"{EVAL}/{arm}-seed{seed}.json" for seed in SEEDS} for arm in ARMS},
 }
+
+
+# ---- model cards (model_card.smk) --------------------------------------------------------------
+from types import SimpleNamespace
+
+
+def student_base_card():
+    """The card of the model the student derives from (derive.base), if it derives from one."""
+    return derive_base_card(SimpleNamespace(model=config["student"]))
+
+
+MODEL_CARDS = expand(f"{RESULTS}/train/{{arm}}/seed{{seed}}/hub", arm=ARMS, seed=SEEDS)
