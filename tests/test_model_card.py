@@ -25,11 +25,13 @@ def _record(rng, accuracy, nll):
                        list(nll + rng.normal(0, 0.05, N)))
 
 
-def _summary():
+def evals_and_summary():
+    """Evaluation records of init, a teacher and the arms kv and ce (one seed), and the report's
+    summary of them."""
     rng = np.random.default_rng(0)
     evals = {"init": _record(rng, 0.2, 2.0), "teachers": {"teacher": _record(rng, 0.5, 1.0)},
              "arms": {"kv": {0: _record(rng, 0.4, 1.3)}, "ce": {0: _record(rng, 0.3, 1.6)}}}
-    return build_summary(evals, **schema_defaults("report"))
+    return evals, build_summary(evals, **schema_defaults("report"))
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def run_files(tmp_path, tiny_card):
     files = {"student_card": student, "base_card": base, "teacher_cards": [teacher],
              "train_info": {"arm": "kv", "seed": 0, "data": data_info,
                             "config": {"steps": 3, "kv_weight": 1.0}},
-             "summary": _summary()}
+             "summary": evals_and_summary()[1]}
     paths = {}
     for key, value in files.items():
         values = value if isinstance(value, list) else [value]

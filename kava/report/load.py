@@ -105,11 +105,11 @@ def _kv_storage(manifests):
 
 
 def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir=None,
-               evaluation=None, train_infos=None):
+               evaluation=None, train_infos=None, harness=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
     manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
-    settings (a dict) and {arm: {seed: train.json}}. Anything not given is left out and shows
-    as n/a."""
+    settings (a dict), {arm: {seed: train.json}} and {model: eval/lm_eval/<model>.json}.
+    Anything not given is left out and shows as n/a."""
     facts = {}
     if env:
         facts["env"] = _flatten(_read_json(env, "environment"))
@@ -136,6 +136,9 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
                 for teacher, info in _read_json(path, "train summary")["teachers"].items():
                     facts["tokens_without_target"][arm].setdefault(teacher, []).append(
                         info["tokens_without_target"])
+    if harness:
+        facts["harness"] = {name: _read_json(path, "lm_eval scores")["tasks"]
+                            for name, path in harness.items()}
     return facts
 
 

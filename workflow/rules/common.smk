@@ -265,3 +265,13 @@ def student_base_card():
 
 
 MODEL_CARDS = expand(f"{RESULTS}/train/{{arm}}/seed{{seed}}/hub", arm=ARMS, seed=SEEDS)
+
+
+# ---- lm-evaluation-harness (lm_eval.smk) -------------------------------------------------------
+# eval.lm_eval's tasks, run on every evaluated model but the untrained init: each teacher by its
+# card, each arm x seed by its student folder. Empty when eval.lm_eval is [] (off).
+LM_EVAL_TASKS = [f"{workflow.basedir}/lm_eval/{task}.yaml" for task in config["eval"]["lm_eval"]]
+LM_EVALUATED = {name: {key: inputs[key] for key in ("card", "model_dir") if key in inputs}
+                for name, inputs in EVALUATED.items()
+                if config["eval"]["lm_eval"] and name != "init"}
+LM_EVAL_FILES = {name: f"{EVAL}/lm_eval/{name}.json" for name in LM_EVALUATED}

@@ -8,6 +8,7 @@ rule report:
         env=f"{RESULTS}/env.json",
         dims=expand(f"{RESULTS}/dims/{{model}}.json", model=KV_MODELS),
         data_info=f"{RESULTS}/data/data.json",
+        lm_evals=list(LM_EVAL_FILES.values()),
         manifests=expand(f"{RESULTS}/kv/{{teacher}}/{{split}}/manifest.json",
                          teacher=config["teachers"], split=SPLITS),
     output:
@@ -23,6 +24,7 @@ rule report:
         train_infos=as_json({arm: {seed: f"{run}/train.json" for seed, run in runs.items()}
                              for arm, runs in TRAIN_RUNS.items()}),
         report=as_json(config["report"]),
+        lm_evals=path_arg("--lm-evals", [as_json(LM_EVAL_FILES)] if LM_EVAL_FILES else []),
         benchmarks=f"{RESULTS}/benchmarks",
         title=f"kava report: run {config['run']}",
     log:
@@ -35,7 +37,7 @@ rule report:
     shell:
         "python -m stages.report --threads {threads} --evals {params.evals:q} "
         "--metrics {params.metrics:q} --train-infos {params.train_infos:q} --env {input.env:q} --dims {input.dims:q} "
-        "--data-info {input.data_info:q} --manifests {input.manifests:q} "
+        "--data-info {input.data_info:q} {params.lm_evals} --manifests {input.manifests:q} "
         "--benchmarks-dir {params.benchmarks:q} --report {params.report:q} "
         "--title {params.title:q} --html {output.html:q} --markdown {output.markdown:q} "
         "--summary {output.summary:q} --figures {output.figures:q} > {log:q} 2>&1"
