@@ -7,6 +7,7 @@ import math
 import os
 import platform
 
+import psutil
 import torch
 
 from kava.paths import detect_scheduler, run_paths
@@ -14,7 +15,7 @@ from kava.paths import detect_scheduler, run_paths
 # The torch dtype of each precision name (train.precision, precompute.compute_dtype, eval.dtype).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PACKAGES = ("torch", "transformers", "bitsandbytes", "datasets", "safetensors", "snakemake",
-            "pyarrow")
+            "pyarrow", "psutil")
 
 
 def _cpu_name():
@@ -39,16 +40,11 @@ def _cpu_flags():
     return set()
 
 
-def _available_memory_gb():
-    """MemAvailable, not MemTotal: what this job can actually take without swapping."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+def _memory_gb():
+    """(total, available) system memory in GiB. psutil's `available`, not total or free: what
+    this job can take without swapping, on Linux (MemAvailable) and macOS alike."""
+    memory = psutil.virtual_memory()
+    return memory.total / 2**30, memory.available / 2**30
 
 
 def detect_device():
@@ -61,14 +57,11 @@ def detect_device():
             "memory_gb": round(total / 2**30, 2),
             "free_memory_gb": round(free / 2**30, 2),
         }
-    if torch.backends.mps.is_available():
-        memory = _available_memory_gb()
-        return {"type": "mps", "name": "Apple MPS", "count": 1, "memory_gb": round(memory, 2),
-                "free_memory_gb": round(memory, 2)}
-    memory = _available_memory_gb()
-    return {"type": "cpu", "name": _cpu_name(), "count": 1,
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2),
-            "free_memory_gb": round(memory, 2)}
+    # MPS shares the system memory with the CPU.
+    total, available = _memory_gb()
+    kind, name = ("mps", "Apple MPS") if torch.backends.mps.is_available() else ("cpu", _cpu_name())
+    return {"type": kind, "name": name, "count": 1, "memory_gb": round(total, 2),
+            "free_memory_gb": round(available, 2)}
 
 
 def detect_precision(device):

@@ -16,7 +16,8 @@ def main(args):
     facts = load_facts(env=args.env, dims={Path(path).stem: path for path in args.dims},
                        data_info=args.data_info, manifests=args.manifests,
                        benchmarks_dir=args.benchmarks_dir,
-                       evaluation=evals["init"].get("settings"), train_infos=args.train_infos)
+                       evaluation=evals["init"].get("settings"), train_infos=args.train_infos,
+                       harness=args.lm_evals)
     html, markdown, plots = render_report(summary, evals, load_metrics(args.metrics), facts,
                                           title=args.title)
     with atomic_path(args.figures, is_dir=True) as tmp:
@@ -38,6 +39,8 @@ if __name__ == "__main__":
     parser.add_argument("--env", help="env.json")
     parser.add_argument("--dims", nargs="*", default=[], help="dims/<model>.json files")
     parser.add_argument("--data-info", help="data/data.json")
+    parser.add_argument("--lm-evals", type=json_arg,
+                        help="{model: eval/lm_eval/<model>.json}, with eval.lm_eval")
     parser.add_argument("--manifests", nargs="*", default=[], help="every KV manifest")
     parser.add_argument("--benchmarks-dir", help="the run's benchmarks/ folder")
     parser.add_argument("--report", type=json_arg, required=True, help="the report section, JSON")

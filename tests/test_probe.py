@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import psutil
 from conftest import PROJECT
 from kava.environment import detect_precision, probe_environment, recommend_batch, usable_cpus
 from kava.paths import detect_scheduler, run_paths
@@ -74,8 +75,18 @@ def test_env_keys():
                         "recommended"}
     assert set(env["device"]) >= {"type", "name", "count", "memory_gb"}
     assert set(env["packages"]) == {"torch", "transformers", "bitsandbytes", "datasets",
-                                    "safetensors", "snakemake", "pyarrow"}
+                                    "safetensors", "snakemake", "pyarrow", "psutil"}
     assert env["packages"]["torch"].startswith("2.13.0")
+
+
+def test_cpu_memory_is_what_is_available_not_the_total():
+    device = probe_environment("r")["device"]
+    if device["type"] != "cpu":
+        return
+    assert device["memory_gb"] == round(psutil.virtual_memory().total / 2**30, 2)
+    # available moves between two reads; it stays below the total and near psutil's figure
+    assert 0 < device["free_memory_gb"] < device["memory_gb"]
+    assert abs(device["free_memory_gb"] - psutil.virtual_memory().available / 2**30) < 1
 
 
 def test_probe_cli_prints_a_readable_report():

@@ -127,9 +127,12 @@ def test_smoke_pipeline_outputs(smoke):
     assert env_json["paths"]["results"] == str(results)
     dims = json.loads((results / "dims" / "teacher_gemma.json").read_text())
     assert dims["num_sliding_layers"] == 3
-    for rule in ("materialize", "dims", "probe", "evaluate", "report"):
+    for rule in ("materialize", "dims", "probe", "evaluate", "report", "model_card"):
         assert list((results / "benchmarks" / rule).glob("*.tsv")), rule
         assert list((results / "logs" / rule).glob("*.log")), rule
+    for arm in ("kv", "ce"):
+        hub = results / "train" / arm / "seed0" / "hub"
+        assert (hub / "README.md").is_file() and (hub / "config.json").is_file(), arm
 
 
 def _text(html):

@@ -126,11 +126,11 @@ def _train_facts(infos):
 
 
 def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir=None,
-               evaluation=None, train_infos=None):
+               evaluation=None, train_infos=None, harness=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
     manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
-    settings (a dict) and {arm: {seed: train.json}} (_train_facts). Anything not given is left
-    out and shows as n/a."""
+    settings (a dict), {arm: {seed: train.json}} (_train_facts) and {model:
+    eval/lm_eval/<model>.json}. Anything not given is left out and shows as n/a."""
     facts = {}
     if env:
         facts["env"] = _flatten(_read_json(env, "environment"))
@@ -153,6 +153,9 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
         facts.update(_train_facts({arm: {seed: _read_json(path, "train summary")
                                          for seed, path in runs.items()}
                                    for arm, runs in train_infos.items()}))
+    if harness:
+        facts["harness"] = {name: _read_json(path, "lm_eval scores")["tasks"]
+                            for name, path in harness.items()}
     return facts
 
 

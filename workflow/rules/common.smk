@@ -5,6 +5,7 @@ import json
 import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 
@@ -239,6 +240,27 @@ EVAL_FILES = {
     "teachers": {t: eval_path(f"teacher-{t}") for t in CHECKED["eval_teachers"]},
     "arms": {arm: {seed: eval_path(f"{arm}-seed{seed}") for seed in SEEDS} for arm in ARMS},
 }
+
+
+# ---- model cards (model_card.smk) --------------------------------------------------------------
+
+
+def student_base_card():
+    """The card of the model the student derives from (derive.base), if it derives from one."""
+    return derive_base_card(SimpleNamespace(model=config["student"]))
+
+
+MODEL_CARDS = expand(f"{RESULTS}/train/{{arm}}/seed{{seed}}/hub", arm=ARMS, seed=SEEDS)
+
+
+# ---- lm-evaluation-harness (lm_eval.smk) -------------------------------------------------------
+# eval.lm_eval's tasks, run on every evaluated model but the untrained init: each teacher by its
+# card, each arm x seed by its student folder. Empty when eval.lm_eval is [] (off).
+LM_EVAL_TASKS = [f"{workflow.basedir}/lm_eval/{task}.yaml" for task in config["eval"]["lm_eval"]]
+LM_EVALUATED = {name: {key: inputs[key] for key in ("card", "model_dir") if key in inputs}
+                for name, inputs in EVALUATED.items()
+                if config["eval"]["lm_eval"] and name != "init"}
+LM_EVAL_FILES = {name: f"{EVAL}/lm_eval/{name}.json" for name in LM_EVALUATED}
 
 
 # Every wildcard of every rule, in one place.

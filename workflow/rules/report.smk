@@ -9,6 +9,7 @@ rule report:
         dims=[dims_path(model) for model in KV_MODELS],
         data_info=DATA_INFO,
         manifests=ALL_MANIFESTS,
+        lm_evals=list(LM_EVAL_FILES.values()),
     output:
         html=report(REPORT, caption="../report/report.rst", category="Report"),
         markdown=f"{RESULTS}/report.md",
@@ -20,6 +21,7 @@ rule report:
         metrics=as_json(per_run("metrics.jsonl")),
         train_infos=as_json(per_run("train.json")),
         report=as_json(config["report"]),
+        lm_evals=path_arg("--lm-evals", [as_json(LM_EVAL_FILES)] if LM_EVAL_FILES else []),
         benchmarks=f"{RESULTS}/benchmarks",
         title=f"kava report: run {config['run']}",
     log:
@@ -32,7 +34,7 @@ rule report:
     shell:
         "python -m stages.report --threads {threads} --evals {params.evals:q} "
         "--metrics {params.metrics:q} --train-infos {params.train_infos:q} --env {input.env:q} --dims {input.dims:q} "
-        "--data-info {input.data_info:q} --manifests {input.manifests:q} "
+        "--data-info {input.data_info:q} {params.lm_evals} --manifests {input.manifests:q} "
         "--benchmarks-dir {params.benchmarks:q} --report {params.report:q} "
         "--title {params.title:q} --html {output.html:q} --markdown {output.markdown:q} "
         "--summary {output.summary:q} --figures {output.figures:q} > {log:q} 2>&1"

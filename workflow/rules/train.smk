@@ -51,7 +51,7 @@ rule train:
         job=as_json(config["train_job"]),
         max_length=config["data"]["max_length"],
         checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
-        tracker_dir=f"{TRAIN}/tb",
+        tracker_dir=f"{train_dir('{arm}', '{seed}')}/tb",
         launcher=train_launcher,
         cka=lambda w, input: path_arg("--cka-maps", input.cka),
     resources:
