@@ -15,6 +15,15 @@ def stage_parser(description):
     return parser
 
 
+def add_model_arguments(parser):
+    """--name, and the evaluated model: --card (the untrained student, a teacher) or --model-dir
+    (a trained student's HF folder). Shared by every stage that evaluates one model."""
+    parser.add_argument("--name", required=True, help="the evaluated model's name in outputs")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--card", help="a model card (the untrained student, a teacher)")
+    model.add_argument("--model-dir", help="a trained student's HF folder")
+
+
 def json_arg(text):
     """argparse type for the config sections Snakemake passes as JSON."""
     return json.loads(text)

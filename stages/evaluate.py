@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from kava.cli import json_arg, run_stage, stage_parser
+from kava.cli import add_model_arguments, json_arg, run_stage, stage_parser
 from kava.data import read_split
 from kava.environment import compute_dtype, job_device
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
@@ -81,10 +81,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--name", required=True, help="the evaluated model's name in outputs")
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--card", help="a model card (init, teachers)")
-    model.add_argument("--model-dir", help="a trained student's HF folder")
+    add_model_arguments(parser)
     parser.add_argument("--projector", help="the trained student's projectors")
     parser.add_argument("--train-info", help="the trained student's train.json")
     parser.add_argument("--manifests", nargs="*", default=[],

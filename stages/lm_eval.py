@@ -2,7 +2,7 @@
 lm-evaluation-harness on the run's prepared rows → eval/lm_eval/<model>.json, the harness's
 own scores per task."""
 
-from kava.cli import json_arg, run_stage, stage_parser
+from kava.cli import add_model_arguments, json_arg, run_stage, stage_parser
 from kava.environment import compute_dtype, job_device
 from kava.harness import run_harness, task_config
 from kava.io import read_json, write_json
@@ -20,10 +20,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--name", required=True, help="the evaluated model's name (eval/)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--card", help="a teacher's model card")
-    source.add_argument("--model-dir", help="a trained student's folder")
+    add_model_arguments(parser)
     parser.add_argument("--eval", type=json_arg, required=True,
                         help="the eval keys lm_eval, dtype, batch_size, max_new_tokens, JSON")
     parser.add_argument("--task-yamls", nargs="+", required=True,
