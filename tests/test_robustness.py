@@ -90,13 +90,14 @@ def test_planned_jobs_carry_the_configured_threads_gpus_and_checkpoints(tmp_path
     result = dry_run(tmp_path, profile)
     assert result.returncode == 0, result.output[-3000:]
     jobs = planned_jobs(result.stdout)
-    # probe and the JSON merges (kv_manifest, report) ask for one thread whatever the config.
-    single = ("probe", "kv_manifest", "report", "all")
+    # probe, the JSON merges (kv_manifest, report) and the model cards ask for one thread
+    # whatever the config.
+    single = ("probe", "kv_manifest", "report", "model_card", "all")
     compute = [job for rule, runs in jobs.items() if rule not in single for job in runs]
     assert compute and all(job["threads"] == "2" and "--threads 2 " in job["shell"]
                            for job in compute)
     assert all("threads" not in job and "--threads 1 " in job["shell"]
-               for job in jobs["kv_manifest"] + jobs["report"])
+               for job in jobs["kv_manifest"] + jobs["report"] + jobs["model_card"])
     assert not any("cpus_per_task" in job["resources"] for job in compute)
     assert len(jobs["train"]) == 2
     for job in jobs["train"]:

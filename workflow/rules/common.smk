@@ -187,8 +187,8 @@ def train_launcher(wildcards, resources):
 
 # ---- evaluation (evaluate.smk) --------------------------------------------------------------
 # The eval keys a job reads; eval.teachers only decides which jobs exist.
-EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop", "generate_examples", "probe_examples",
-             "probe_ridge"]
+EVAL_KEYS = ["max_new_tokens", "batch_size", "dtype", "stop", "generate_examples", "noise_examples",
+             "probe_examples", "probe_ridge"]
 
 
 def evaluated_models():
