@@ -146,7 +146,8 @@ class TrainData:
     kv_lost: dict             # {teacher: fraction of student tokens no teacher token covers}
     partner: list = None      # kv_shuffled: the example whose KV each example reads
     held_out: object = None   # diagnose_every: a batch of train rows kept out of training
-    kd_valid: dict = None     # {KD teacher: distilled positions per example}; {} without KD
+    # {KD teacher: positions KD distils per example}; {} in an arm without KD.
+    kd_valid: dict = field(default_factory=dict)
 
     @property
     def used_layers(self):

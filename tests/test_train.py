@@ -834,12 +834,18 @@ def test_a_tracker_whose_package_is_missing_is_named_before_setup(world, tmp_pat
 
 # ---- logit KD and validation-selected steps ---------------------------------------------------
 
-def test_kd_arm_trains_on_stored_logits_and_logs_kd(world, tmp_path):
+@pytest.fixture(scope="module")
+def logits_teacher(world, tmp_path_factory):
+    """The same-tokenizer teacher with its top-4 logits stored too."""
     llama = world["teachers"][0]
     vocab = load_model(llama["card"]).config.vocab_size
-    manifest = build_store(llama["card"], world["rows"], tmp_path / "logits",
+    manifest = build_store(llama["card"], world["rows"], tmp_path_factory.mktemp("logits"),
                            max_length=MAX_LENGTH, logits=logits_spec(4, "fp32", vocab))
-    teacher = {**llama, "manifest": manifest}
+    return {**llama, "manifest": manifest}
+
+
+def test_kd_arm_trains_on_stored_logits_and_logs_kd(world, logits_teacher, tmp_path):
+    teacher = logits_teacher
     cfg = train_config(steps=6, effective_batch=4, micro_batch=2, lr=3e-3, warmup_ratio=0.0,
                        kv_weight=0.0, ce_weight=0.0, kd_weight=1.0)
     lines = metrics(run(world, tmp_path, cfg, arm="kd", teachers=[teacher])["metrics"])
@@ -853,6 +859,13 @@ def test_kd_arm_whose_teacher_store_has_no_logits_is_refused(world, tmp_path):
     cfg = train_config(steps=1, kd_weight=1.0)
     with pytest.raises(KavaError, match="holds none"):
         run(world, tmp_path, cfg, teachers=world["teachers"][:1])
+
+
+def test_kd_on_tokens_other_than_the_students_is_refused(world, logits_teacher, tmp_path):
+    # kv_shuffled reads another example's store entry: its stored logits are of other tokens.
+    cfg = train_config(steps=1, kd_weight=1.0, kv_shuffled=True)
+    with pytest.raises(KavaError, match="stored tokens of example .* differ from the student's"):
+        run(world, tmp_path, cfg, teachers=[logits_teacher])
 
 
 def test_early_stopping_publishes_the_lowest_validation_step(world, tmp_path):
