@@ -8,11 +8,13 @@ bottom: setup, fit (the loop below), build_summary, publish.
         batch = step_batches(run, step)    # each GPU (rank) takes its slice of the step's examples
         train_step(run, batch):
             for micro_batch in batch:
-                loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
+                loss = Distiller(micro_batch)  # CE + KV + KD, weighted by tokens of the step
                 backward                       # DDP averages gradients at the last micro-batch
             clip, AdamW step, LR step
+        every eval_every steps and at the last: validation answer NLL, keep the best step's weights
         log one metrics line (metrics file and train_job.tracker); every checkpoint_every steps
         (and on SIGTERM/SIGUSR1/SIGINT) save a checkpoint
+    publish the best validation step's weights (early stopping), else the last step's
 
 The examples of step k are positions [(k-1)·B, k·B) of an endless stream whose order depends on
 the seed only (kava.batching.example_order), so every arm sees the same data in the same order,
@@ -21,8 +23,9 @@ KV comes from the precomputed stores.
 
 Checkpoints live outside the stage's declared outputs (Snakemake deletes incomplete outputs
 before a rerun): `<checkpoint_dir>/step-<n>/` holds model.safetensors (student, projectors,
-teacher weights), state.pt (optimiser, scheduler, grad scaler, RNG, step, the run's identity;
-loaded with weights_only=True) and the metrics so far. The outputs are written once, at the
+teacher weights), best.safetensors (the best validation step's, once there is one), state.pt
+(optimiser, scheduler, grad scaler, RNG, step, the validation curve, the run's identity; loaded
+with weights_only=True) and the metrics so far. The outputs are written once, at the
 end, each atomically; then the checkpoints are removed.
 """
 
