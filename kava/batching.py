@@ -26,6 +26,7 @@ from kava.align import (causal_span_alignment, interpolate_alignment, position_a
                         span_alignment)
 from kava.config import schema_enum
 from kava.errors import KavaError
+from kava.kvstore import LOGIT_TENSORS
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
 # "position" is not a setting: it is how a kv_shuffled control arm reads another example's KV.
@@ -96,13 +97,20 @@ def align_teacher(student, teacher, layers, mode, kv_shape=None):
 @dataclass
 class TeacherTargets:
     """One teacher's aligned KV for a padded batch: kv {teacher layer: (K, V)} `[B, T, H, D]`
-    and mask `[B, T]` (True: a real student token that the teacher covers)."""
+    and mask `[B, T]` (True: a real student token that the teacher covers). For a KD teacher
+    also its stored top-k logits, `logits` {top_ids, top_logp: [B, T, k], tail_logp: [B, T]}, and
+    `kd_mask` [B, T]: the positions distilled (every stored token but each example's last, whose
+    next token is past the text)."""
     kv: dict
     mask: torch.Tensor
+    logits: dict = None
+    kd_mask: torch.Tensor = None
 
     def to(self, device):
         return TeacherTargets({layer: (k.to(device), v.to(device))
-                               for layer, (k, v) in self.kv.items()}, self.mask.to(device))
+                               for layer, (k, v) in self.kv.items()}, self.mask.to(device),
+                              self.logits and {n: t.to(device) for n, t in self.logits.items()},
+                              None if self.kd_mask is None else self.kd_mask.to(device))
 
 
 @dataclass
@@ -147,10 +155,11 @@ def _pad(rows, value, length):
     return out
 
 
-def collate(students, teachers, pad_id, mode):
+def collate(students, teachers, pad_id, mode, kd_teachers=()):
     """students: student_example dicts; teachers: {name: (examples from that teacher's store,
     one per student example, in order, None where the store lacks it; teacher layers to keep;
-    the store's (heads, head_dim))}."""
+    the store's (heads, head_dim))}; kd_teachers: those whose stored logits are collated too
+    (their tokens are the student's, checked at setup, so position t is token t on both sides)."""
     length = max(len(s["input_ids"]) for s in students)
     ids = [s["input_ids"] for s in students]
     batch = Batch(
@@ -164,7 +173,27 @@ def collate(students, teachers, pad_id, mode):
               for layer in layers}
         batch.teachers[name] = TeacherTargets(kv, _pad([valid for _, valid in aligned], False,
                                                        length))
+        if name in kd_teachers:
+            batch.teachers[name].logits, batch.teachers[name].kd_mask = _stored_logits(
+                examples, students, length)
     return batch
+
+
+def _stored_logits(examples, students, length):
+    """A KD teacher's stored top-k logits right-padded to `length`, and the positions to
+    distil; an example the store skipped gives zeros, none distilled."""
+    stored = next((t for t in examples if t is not None), None)
+    logits = {}
+    for name in LOGIT_TENSORS:
+        like = stored[name] if stored is not None else torch.zeros(0, 1)
+        rows = [t[name] if t is not None else
+                torch.zeros(len(s["input_ids"]), *like.shape[1:], dtype=like.dtype)
+                for t, s in zip(examples, students)]
+        logits[name] = _pad(rows, 0, length)
+    positions = [torch.arange(len(s["input_ids"])) < (len(s["input_ids"]) - 1 if t is not None
+                                                       else 0)
+                 for t, s in zip(examples, students)]
+    return logits, _pad(positions, False, length)
 
 
 def _epoch_seed(seed, epoch):

@@ -1,7 +1,8 @@
 """What is trained and how it is scored: the student, one KV projector per teacher, the teacher
 weights, and the loss
 
-    total = ce_weight·CE + kv_weight·Σ_t w_t·KV_t  [− entropy_weight·H(w)] [+ l2_init_weight·‖θ−θ₀‖²]
+    total = ce_weight·CE + kv_weight·Σ_t w_t·KV_t + kd_weight·mean_t KD_t
+            [− entropy_weight·H(w)] [+ l2_init_weight·‖θ−θ₀‖²]
 
 KV_t is, per student layer, the mean of kava.losses.kv_loss over K and over V between the
 student's KV and the teacher's aligned KV of the mapped layer, one side projected into the
@@ -14,6 +15,9 @@ projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
 KV cosine means the same for every arm.
+
+KD_t is kava.losses.kd_loss of the student's logits against teacher t's stored top-k logits
+(a teacher with the student's tokenizer), over every real token but the last.
 """
 
 import torch
@@ -21,7 +25,7 @@ from torch import nn
 
 from kava.capture import student_forward
 from kava.errors import KavaError
-from kava.losses import TeacherMixture, kv_loss, masked_cosine
+from kava.losses import TeacherMixture, kd_loss, kv_loss, masked_cosine
 from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
@@ -65,9 +69,10 @@ class Distiller(nn.Module):
     def teachers(self):
         return list(self.projectors)
 
-    def forward(self, batch, ce_items, kv_items, n_micro):
+    def forward(self, batch, ce_items, kv_items, n_micro, kd_items=None):
         """ce_items: answer tokens of the whole step; kv_items: {teacher: valid tokens of the
-        whole step}; n_micro: micro-batches this process runs in the step."""
+        whole step}; n_micro: micro-batches this process runs in the step; kd_items: {KD
+        teacher: distilled positions of the whole step}."""
         cfg = self.loss_cfg
         outputs, student_kv = student_forward(self.student, batch, self.key_space, ce_items)
         kv_on_student = cfg["kv_weight"] > 0
@@ -84,7 +89,9 @@ class Distiller(nn.Module):
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
         kv_term = self.teacher_mixture(kv_matrix)
         kv_coefficient = cfg["kv_weight"] if kv_on_student else float(cfg["probe_projector"])
-        loss = cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
+        kd_term = self.kd_term(outputs.logits, batch, kd_items or {})
+        loss = (cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
+                + cfg["kd_weight"] * kd_term)
         if (cfg["teacher_entropy_weight"]
                 and isinstance(self.teacher_mixture.logits, nn.Parameter)):
             loss = loss - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy() / n_micro
@@ -93,17 +100,29 @@ class Distiller(nn.Module):
             l2 = sum((p - p0).square().sum()
                      for p, p0 in zip(self.student.parameters(), self.init_params))
             loss = loss + cfg["l2_init_weight"] * l2 / n_micro
-        stats = {"ce": outputs.loss.detach(), "kv": kv_matrix.detach(),
+        stats = {"ce": outputs.loss.detach(), "kv": kv_matrix.detach(), "kd": kd_term.detach(),
                  "cos": torch.stack(cosines, dim=1), "l2": l2.detach() / n_micro,
                  "tokens": batch.attention_mask.sum().to(kv_matrix.dtype)}
         return loss, stats
 
-    def objective(self, ce, kv_matrix, l2):
+    def kd_term(self, logits, batch, kd_items):
+        """Mean over the KD teachers of this micro-batch's share of each one's step KD (0
+        without any)."""
+        terms = []
+        for name, items in kd_items.items():
+            targets = batch.teachers[name]
+            share = targets.kd_mask.sum() / max(int(items), 1)
+            terms.append(share * kd_loss(logits, targets.logits["top_ids"],
+                                         targets.logits["top_logp"], targets.logits["tail_logp"],
+                                         targets.kd_mask, self.loss_cfg["kd_temperature"]))
+        return torch.stack(terms).mean() if terms else torch.zeros((), device=logits.device)
+
+    def objective(self, ce, kv_matrix, l2, kd=0.0):
         """The logged loss of a step from its summed statistics: what the student minimises."""
         cfg = self.loss_cfg
         with torch.no_grad():
             total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_mixture(kv_matrix)
-                     + cfg["l2_init_weight"] * l2)
+                     + cfg["kd_weight"] * kd + cfg["l2_init_weight"] * l2)
             if (cfg["teacher_entropy_weight"]
                     and isinstance(self.teacher_mixture.logits, nn.Parameter)):
                 total = total - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy()

@@ -8,11 +8,13 @@ bottom: setup, fit (the loop below), build_summary, publish.
         batch = step_batches(run, step)    # each GPU (rank) takes its slice of the step's examples
         train_step(run, batch):
             for micro_batch in batch:
-                loss = Distiller(micro_batch)  # CE + KV, weighted by tokens of the whole step
+                loss = Distiller(micro_batch)  # CE + KV + KD, weighted by tokens of the step
                 backward                       # DDP averages gradients at the last micro-batch
             clip, AdamW step, LR step
+        every eval_every steps and at the last: validation answer NLL, keep the best step's weights
         log one metrics line (metrics file and train_job.tracker); every checkpoint_every steps
         (and on SIGTERM/SIGUSR1/SIGINT) save a checkpoint
+    publish the best validation step's weights (early stopping), else the last step's
 
 The examples of step k are positions [(k-1)·B, k·B) of an endless stream whose order depends on
 the seed only (kava.batching.example_order), so every arm sees the same data in the same order,
@@ -21,8 +23,9 @@ KV comes from the precomputed stores.
 
 Checkpoints live outside the stage's declared outputs (Snakemake deletes incomplete outputs
 before a rerun): `<checkpoint_dir>/step-<n>/` holds model.safetensors (student, projectors,
-teacher weights), state.pt (optimiser, scheduler, grad scaler, RNG, step, the run's identity;
-loaded with weights_only=True) and the metrics so far. The outputs are written once, at the
+teacher weights), best.safetensors (the best validation step's, once there is one), state.pt
+(optimiser, scheduler, grad scaler, RNG, step, the validation curve, the run's identity; loaded
+with weights_only=True) and the metrics so far. The outputs are written once, at the
 end, each atomically; then the checkpoints are removed.
 """
 
@@ -35,12 +38,12 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
 from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
@@ -56,8 +59,10 @@ from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
 from kava.tracking import Tracker
+from kava.validation import BestStep, validation_nll
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+BEST_WEIGHTS = "best.safetensors"  # a checkpoint's copy of the best validation step's weights
 
 
 class Interrupted(KavaError):
@@ -144,6 +149,8 @@ class TrainData:
     kv_lost: dict             # {teacher: fraction of student tokens no teacher token covers}
     partner: list = None      # kv_shuffled: the example whose KV each example reads
     held_out: object = None   # diagnose_every: a batch of train rows kept out of training
+    # {KD teacher: positions KD distils per example}; {} in an arm without KD.
+    kd_valid: dict = field(default_factory=dict)
 
     @property
     def used_layers(self):
@@ -239,6 +246,27 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                      key_space, ce_valid, kv_valid, kv_lost, partner, held_out)
 
 
+def kd_positions(cfg, data):
+    """{teacher: positions KD distils per example} for a KD arm (kd_weight > 0: each of its
+    teachers), {} otherwise. Stored logits are read position by position, so each teacher must
+    have stored them on exactly the student's tokens."""
+    if cfg["kd_weight"] <= 0:
+        return {}
+    counts = {}
+    for name, store in data.stores.items():
+        if not store.logits:
+            raise KavaError(f"train.kd_weight {cfg['kd_weight']} distils the logits of teacher "
+                            f"{name}, but its store ({store.path}) holds none (precompute.logits_k "
+                            f"0, or its tokenizer is not the student's)")
+        counts[name] = []
+        for s, i in zip(data.students, data.positions[name]):
+            if i is not None and not torch.equal(s["input_ids"], store.example(i)["input_ids"]):
+                raise KavaError(f"teacher {name}: stored tokens of example {s['id']} differ from "
+                                f"the student's, so its stored logits cannot be distilled")
+            counts[name].append(0 if i is None else len(s["input_ids"]) - 1)
+    return counts
+
+
 def setup_model(cfg, data, student_card, student_dims, teachers, device):
     """The Distiller: the student from its card, one projector per teacher (ridge ones fitted
     in closed form on train KV before any step), the teacher weights and the teachers' fixed KV
@@ -330,25 +358,33 @@ class TrainRun:
     device: torch.device
     rank: int
     world: int
+    validation_rows: list     # data.validation_size rows ({id, prompt, answer}); [] for none
+    best: BestStep            # the validation curve and the weights of its best step
 
 
 def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, env, device,
-          cka_maps=None, rank=0, world=1):
+          cka_maps=None, rank=0, world=1, validation_rows=()):
     """Everything one arm x seed trains with: the arm's teachers and their data, the Distiller,
     the optimiser, the LR schedule and mixed precision. env: env.json (precision and micro-batch
     when the config says auto)."""
+    overlap = {r["id"] for r in validation_rows} & {r["id"] for r in rows}
+    if overlap:
+        raise KavaError(f"validation row {min(overlap)} is also a train row: the step chosen "
+                        f"on it would be chosen on training data")
     precision = resolve_precision(cfg["precision"], env["precision"])
     micro = micro_batch_size(cfg, env, world)
     torch.manual_seed(seed)  # projector init; the student starts from its card's weights
     teachers = arm_teachers(cfg, teachers)
     data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps)
+    data.kd_valid = kd_positions(cfg, data)
     distiller = setup_model(cfg, data, student_card, student_dims, teachers, device)
     model = distribute(cfg, distiller, world, device)
     optimizer = setup_optimizer(cfg, distiller)
     scheduler = setup_scheduler(cfg, optimizer)
     autocast, scaler = mixed_precision(precision, device)
     return TrainRun(cfg, seed, teachers, data, distiller, model, optimizer, scheduler, autocast,
-                    scaler, precision, micro, device, rank, world)
+                    scaler, precision, micro, device, rank, world, list(validation_rows),
+                    BestStep())
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -367,6 +403,8 @@ def save_checkpoint(checkpoint_dir, step, run, identity, elapsed, metrics_path):
     name = f"step-{step:08d}"
     with atomic_path(checkpoint_dir / name, is_dir=True) as tmp:
         save_model(run.distiller, str(tmp / "model.safetensors"))
+        if run.best.best_weights is not None:
+            save_file(run.best.best_weights, str(tmp / BEST_WEIGHTS))
         torch.save({
             "step": step,
             "elapsed": elapsed,
@@ -374,6 +412,7 @@ def save_checkpoint(checkpoint_dir, step, run, identity, elapsed, metrics_path):
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
+            "validation": run.best.summary(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }, tmp / "state.pt")
@@ -413,6 +452,8 @@ def resume(checkpoint_dir, identity, run, metrics_path, log):
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
+    best = path / BEST_WEIGHTS
+    run.best.restore(state["validation"], load_file(str(best)) if best.is_file() else None)
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -453,6 +494,7 @@ class StepBatch:
     micro_batches: list       # kava.batching collated batches, micro_batch examples each
     ce_items: int             # answer tokens of the whole step
     kv_items: dict            # {teacher: valid KV tokens of the whole step}
+    kd_items: dict = field(default_factory=dict)  # {KD teacher: distilled positions, whole step}
 
 
 def step_batches(run, step):
@@ -464,11 +506,13 @@ def step_batches(run, step):
     chunks = [mine[i:i + run.micro_batch] for i in range(0, len(mine), run.micro_batch)]
     micro_batches = [collate([data.students[i] for i in chunk],
                              teacher_inputs(data.stores, data.positions, chunk, data.used_layers),
-                             pad_id(data.tokenizer), data.alignment)
+                             pad_id(data.tokenizer), data.alignment, data.kd_valid)
                      for chunk in chunks]
     return StepBatch(micro_batches, sum(data.ce_valid[i] for i in batch_ids),
                      {name: sum(data.kv_valid[name][i] for i in batch_ids)
-                      for name in data.stores})
+                      for name in data.stores},
+                     {name: sum(counts[i] for i in batch_ids)
+                      for name, counts in data.kd_valid.items()})
 
 
 def train_step(run, batch, stop=None):
@@ -479,8 +523,8 @@ def train_step(run, batch, stop=None):
     sums = _forward_backward(run, batch)
     stopping = _reduce(sums, stop, run.world, run.device)
     sums = {k: v.cpu() for k, v in sums.items()}
-    ce, l2 = float(sums["ce"]), float(sums["l2"])
-    loss = run.distiller.objective(ce, sums["kv"].float().to(run.device), l2)
+    ce, l2, kd = float(sums["ce"]), float(sums["l2"]), float(sums["kd"])
+    loss = run.distiller.objective(ce, sums["kv"].float().to(run.device), l2, kd)
     if not math.isfinite(loss) or not math.isfinite(ce):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFinite(f"loss is {loss} (ce {ce})")
@@ -491,7 +535,7 @@ def train_step(run, batch, stop=None):
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "ce": ce, "l2": l2, "kv": sums["kv"], "cos": sums["cos"],
+    return {"loss": loss, "ce": ce, "kd": kd, "l2": l2, "kv": sums["kv"], "cos": sums["cos"],
             "tokens": float(sums["tokens"]), "lrs": lrs, "weights": weights,
             "grad_norms": grad_norms}, stopping
 
@@ -505,7 +549,7 @@ def _forward_backward(run, batch):
         with (run.model.no_sync() if run.world > 1 and not last else nullcontext()):
             with run.autocast:
                 loss, stats = run.model(micro.to(run.device), batch.ce_items, batch.kv_items,
-                                        len(batch.micro_batches))
+                                        len(batch.micro_batches), batch.kd_items)
             # DDP averages gradients over processes; each process's loss is its share of the
             # step's sum, so scale back up to get the sum.
             run.scaler.scale(loss * run.world).backward()
@@ -534,12 +578,14 @@ def _clip_gradients(run):
 # ---- the run ------------------------------------------------------------------------------
 
 def train(cfg, *, job, arm, seed, student_card, student_dims, teachers, rows, data_info, env,
-          max_length, outputs, checkpoint_dir, tracker_dir, cka_maps=None, log=print):
+          max_length, outputs, checkpoint_dir, tracker_dir, cka_maps=None, validation_rows=(),
+          log=print):
     """Train one arm x seed; rank 0 writes `outputs` (student dir, projector, metrics,
     summary paths) and the live curves (train_job.tracker) to `tracker_dir`. cfg: the arm's
     train config, what is computed (and the checkpoints' identity); job: the train_job section,
-    how the job runs. teachers: [{"card", "dims", "manifest"}] in config order. Returns the
-    summary (train.json) on rank 0, None elsewhere."""
+    how the job runs. teachers: [{"card", "dims", "manifest"}] in config order. validation_rows:
+    the rows each eval_every steps scores; the published weights are those of the best-scoring
+    step (none: the last step's). Returns the summary (train.json) on rank 0, None elsewhere."""
     rank, world, device = init_distributed()
     try:
         started = time.perf_counter()
@@ -549,7 +595,8 @@ def train(cfg, *, job, arm, seed, student_card, student_dims, teachers, rows, da
                      cfg) as tracker:
             run = setup(cfg, seed=seed, student_card=student_card, student_dims=student_dims,
                         teachers=teachers, rows=rows, max_length=max_length, env=env,
-                        device=device, cka_maps=cka_maps, rank=rank, world=world)
+                        device=device, cka_maps=cka_maps, rank=rank, world=world,
+                        validation_rows=validation_rows)
             identity = run_identity(run, arm, student_card, data_info)
             resumed_at, metrics_path = fit(run, arm, job, identity, checkpoint_dir, tracker, log)
         summary = None
@@ -557,6 +604,8 @@ def train(cfg, *, job, arm, seed, student_card, student_dims, teachers, rows, da
             summary = build_summary(run, arm, job, identity, data_info, student_card,
                                     resumed_at, time.perf_counter() - started)
             warn_uncovered_tokens(run.data, job, log)
+            if run.best.best_weights is not None:  # early stopping: publish the best step
+                run.distiller.load_state_dict(run.best.best_weights)
             _publish(run, metrics_path, summary, outputs)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         _barrier(world)
@@ -607,12 +656,14 @@ def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
             except NonFinite as err:
                 raise KavaError(f"arm {arm} seed {run.seed}: {err} at step {step}; stopped. "
                                 + _kept(checkpoint_dir, last_checkpoint)) from None
-            # Log it.
+            # Score it on the validation rows (every eval_every steps), then log it.
+            validation = validate(run, step)
             now = time.perf_counter()
             if rank == 0:
                 line = _metrics_line(step, result, list(run.data.stores), now - step_start,
                                      elapsed_before + now - t0,
-                                     cfg["teacher_weighting"] == "learned", agreement)
+                                     cfg["teacher_weighting"] == "learned",
+                                     {**agreement, **validation})
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
                 tracker.log(line)
@@ -630,6 +681,19 @@ def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
                                   f"{stop.received or 'a peer'} at step {step}; checkpoint saved "
                                   f"in {checkpoint_dir}; rerun to resume")
     return resumed_at, metrics_path
+
+
+def validate(run, step):
+    """On rank 0, every train.eval_every steps and at the last: the student's validation answer
+    NLL, recorded in run.best, as {"validation_nll": nll}; {} otherwise or without rows."""
+    every = run.cfg["eval_every"]
+    if (run.rank != 0 or not run.validation_rows or not every
+            or (step % every and step < run.cfg["steps"])):
+        return {}
+    nll = validation_nll(run.distiller.student, run.data.tokenizer, run.validation_rows,
+                         run.micro_batch)
+    run.best.record(step, nll, run.distiller)
+    return {"validation_nll": nll}
 
 
 def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, wall_s):
@@ -658,6 +722,8 @@ def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, 
                             "tokens_without_target": data.kv_lost[name],
                             "weights": distiller.teacher_mixture.weights()[:, k].tolist()}
                      for k, (name, t) in enumerate(zip(data.stores, run.teachers))},
+        # The validation curve and the step whose weights are published (early stopping).
+        **(run.best.summary() if run.best.curve else {}),
         "wall_s": round(wall_s, 3),
     }
 
@@ -712,7 +778,7 @@ def diagnose(distiller, batch, held_out):
 
 
 def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, agreement):
-    line = {"step": step, "loss": result["loss"], "ce": result["ce"]}
+    line = {"step": step, "loss": result["loss"], "ce": result["ce"], "kd": result["kd"]}
     kv_matrix, cos = result["kv"], result["cos"]
     for t, name in enumerate(teachers):
         line[f"kv/{name}"] = float(kv_matrix[:, t].mean())

@@ -54,6 +54,12 @@ class BestStep:
         return True
 
     def summary(self):
-        """For train.json and the report: the curve and the chosen step."""
-        return {"curve": [{"step": step, "nll": nll} for step, nll in self.curve],
+        """For train.json, the report and a checkpoint: the curve and the chosen step."""
+        return {"validation": [{"step": step, "nll": nll} for step, nll in self.curve],
                 "best_step": self.best_step, "best_nll": self.best_nll if self.curve else None}
+
+    def restore(self, summary, best_weights):
+        """The state of a summary() and its best weights, as a resumed run continues it."""
+        self.curve = [(point["step"], point["nll"]) for point in summary["validation"]]
+        self.best_step, self.best_weights = summary["best_step"], best_weights
+        self.best_nll = math.inf if summary["best_nll"] is None else summary["best_nll"]

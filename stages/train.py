@@ -7,6 +7,7 @@ SIGINT checkpoints at the next step and exits non-zero; rerunning resumes from t
 
 import os
 
+import pyarrow.parquet as pq
 import torch
 
 from kava.cli import json_arg, run_stage, stage_parser
@@ -30,7 +31,10 @@ def main(args):
           outputs={"student": args.student_out, "projector": args.projector_out,
                    "metrics": args.metrics_out, "summary": args.summary_out},
           checkpoint_dir=args.checkpoint_dir, tracker_dir=args.tracker_dir,
-          cka_maps=read_json(args.cka_maps) if args.cka_maps else None)
+          cka_maps=read_json(args.cka_maps) if args.cka_maps else None,
+          # data.validation_size 0 writes an empty table: no validation, the last step's weights.
+          validation_rows=(read_split(args.validation_data, ("id", "prompt", "answer"))
+                           if pq.read_metadata(args.validation_data).num_rows else []))
 
 
 if __name__ == "__main__":
@@ -48,6 +52,8 @@ if __name__ == "__main__":
     parser.add_argument("--manifests", nargs="+", required=True,
                         help="each teacher's train-split KV manifest, in teacher order")
     parser.add_argument("--data", required=True, help="data/train.parquet")
+    parser.add_argument("--validation-data", required=True,
+                        help="data/validation.parquet: the rows train.eval_every scores")
     parser.add_argument("--data-info", required=True, help="data/data.json")
     parser.add_argument("--env", required=True, help="env.json (precision, micro-batch)")
     parser.add_argument("--max-length", type=int, required=True)

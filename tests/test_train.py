@@ -2,6 +2,7 @@
 loop (learning, arms, resume, signals, DDP), the stage, and bad inputs."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -26,12 +27,13 @@ from kava.distill import layer_scores, teacher_kv_std
 from kava.errors import KavaError
 from kava.io import write_json
 from kava.kvfit import cka_layer_maps, kv_cosine
-from kava.kvstore import KVStore
+from kava.kvstore import KVStore, logits_spec
 from kava.layer_maps import resolve
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import KVProjector, load_projectors, save_projectors
 from kava.synthetic import generate
-from kava.train import derangement, lr_factor, setup_data, train
+from kava.train import derangement, lr_factor, setup, setup_data, train
+from kava.validation import validation_nll
 from test_kvstore import build_store
 
 MAX_LENGTH = 256
@@ -96,6 +98,11 @@ def world(tiny_card, tmp_path_factory):
                         root / "gemma_bpe")
     data = root / "train.parquet"
     write_split([{**r, "final": "0"} for r in rows], data)
+    # Rows of another draw under their own ids, as prepare holds them out of the train split.
+    validation_rows = [{**r, "id": f"synthetic-validation-{i:05d}"}
+                       for i, r in enumerate(data_rows(4, seed=1))]
+    validation = root / "validation.parquet"
+    write_split([{**r, "final": "0"} for r in validation_rows], validation)
     data_info = {"source": "synthetic", "path": None,
                  "splits": {"train": {"rows": len(rows), "sha256": rows_sha256(rows)}}}
     teachers = []
@@ -104,6 +111,7 @@ def world(tiny_card, tmp_path_factory):
         teachers.append({"card": card, "dims": dims_of(card), "manifest": manifest})
     return {"root": root, "rows": rows, "student": student, "student_dims": dims_of(student),
             "teachers": teachers, "data": data, "data_info": data_info,
+            "validation": validation, "validation_rows": validation_rows,
             "env": {"precision": "fp32", "recommended": {"micro_batch": 2}}}
 
 
@@ -387,7 +395,8 @@ def stage_command(world, out, cfg, seed=0, job=None):
         "--teacher-cards", *[str(c) for c, _, _ in teacher_files],
         "--teacher-dims", *[str(d) for _, d, _ in teacher_files],
         "--manifests", *[str(m) for _, _, m in teacher_files],
-        "--data", str(world["data"]), "--data-info", str(files["data_info"]),
+        "--data", str(world["data"]), "--validation-data", str(world["validation"]),
+        "--data-info", str(files["data_info"]),
         "--env", str(files["env"]), "--max-length", str(MAX_LENGTH),
         "--checkpoint-dir", str(out / "ckpt"), "--tracker-dir", str(out / "tb"),
         "--student-out", str(out / "student"),
@@ -821,3 +830,71 @@ def test_a_tracker_whose_package_is_missing_is_named_before_setup(world, tmp_pat
                                         r"not installed: pip install wandb"):
         run(world, tmp_path / "out", train_config(steps=1), job=job_config(tracker="wandb"))
     assert not (tmp_path / "out").exists()
+
+
+# ---- logit KD and validation-selected steps ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def logits_teacher(world, tmp_path_factory):
+    """The same-tokenizer teacher with its top-4 logits stored too."""
+    llama = world["teachers"][0]
+    vocab = load_model(llama["card"]).config.vocab_size
+    manifest = build_store(llama["card"], world["rows"], tmp_path_factory.mktemp("logits"),
+                           max_length=MAX_LENGTH, logits=logits_spec(4, "fp32", vocab))
+    return {**llama, "manifest": manifest}
+
+
+def test_kd_arm_trains_on_stored_logits_and_logs_kd(world, logits_teacher, tmp_path):
+    teacher = logits_teacher
+    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, lr=3e-3, warmup_ratio=0.0,
+                       kv_weight=0.0, ce_weight=0.0, kd_weight=1.0)
+    lines = metrics(run(world, tmp_path, cfg, arm="kd", teachers=[teacher])["metrics"])
+    kd = [line["kd"] for line in lines]
+    assert all(math.isfinite(v) and v > 0 for v in kd)
+    assert lines[0]["loss"] == pytest.approx(kd[0])  # ce_weight 0: the loss is the KD alone
+    assert kd[-1] < kd[0]
+
+
+def test_kd_arm_whose_teacher_store_has_no_logits_is_refused(world, tmp_path):
+    cfg = train_config(steps=1, kd_weight=1.0)
+    with pytest.raises(KavaError, match="holds none"):
+        run(world, tmp_path, cfg, teachers=world["teachers"][:1])
+
+
+def test_kd_on_tokens_other_than_the_students_is_refused(world, logits_teacher, tmp_path):
+    # kv_shuffled reads another example's store entry: its stored logits are of other tokens.
+    cfg = train_config(steps=1, kd_weight=1.0, kv_shuffled=True)
+    with pytest.raises(KavaError, match="stored tokens of example .* differ from the student's"):
+        run(world, tmp_path, cfg, teachers=[logits_teacher])
+
+
+def test_early_stopping_publishes_the_lowest_validation_step(world, tmp_path):
+    # The LR warms up to one far too high: the validation NLL dips, then later steps are worse.
+    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, lr=0.3, warmup_ratio=1.0,
+                       kv_weight=0.0, eval_every=1)
+    out = run(world, tmp_path, cfg, arm="ce", teachers=world["teachers"][:1],
+              validation_rows=world["validation_rows"])
+    summary = json.loads(out["summary"].read_text())
+    curve = {point["step"]: point["nll"] for point in summary["validation"]}
+    assert list(curve) == list(range(1, 7))
+    assert summary["best_step"] == min(curve, key=curve.get) < 6
+    assert curve[6] > summary["best_nll"]  # the construction holds: the last step is worse
+    assert [line.get("validation_nll") for line in metrics(out["metrics"])] == list(curve.values())
+    published = AutoModelForCausalLM.from_pretrained(out["student"], torch_dtype=torch.float32)
+    tokenizer = load_tokenizer(str(out["student"]))
+    assert validation_nll(published, tokenizer, world["validation_rows"], 2) == pytest.approx(
+        summary["best_nll"], rel=1e-5)
+
+
+def test_validation_rows_never_reach_training(world):
+    kwargs = dict(seed=0, student_card=world["student"], student_dims=world["student_dims"],
+                  teachers=world["teachers"][:1], max_length=MAX_LENGTH, env=world["env"],
+                  device=torch.device("cpu"))
+    validation_ids = {r["id"] for r in world["validation_rows"]}
+    trained = setup(train_config(effective_batch=4, micro_batch=2), rows=world["rows"],
+                    validation_rows=world["validation_rows"], **kwargs)
+    seen = {trained.data.students[i]["id"] for step in range(1, 9)
+            for i in example_order(len(trained.data.students), 0, (step - 1) * 4, 4)}
+    assert seen == {r["id"] for r in world["rows"]} and not seen & validation_ids
+    with pytest.raises(KavaError, match="is also a train row"):
+        setup(train_config(), rows=world["rows"], validation_rows=world["rows"][:1], **kwargs)

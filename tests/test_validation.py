@@ -56,6 +56,6 @@ def test_best_step_keeps_the_lowest_steps_weights(student):
     name = next(name for name, p in model.named_parameters() if p is weight)
     assert torch.all(tracker.best_weights[name] == 20)
     summary = tracker.summary()
-    assert summary["best_step"] == 20 and [p["step"] for p in summary["curve"]] == [10, 20, 30,
+    assert summary["best_step"] == 20 and [p["step"] for p in summary["validation"]] == [10, 20, 30,
                                                                                      40, 50]
-    assert BestStep().summary() == {"curve": [], "best_step": None, "best_nll": None}
+    assert BestStep().summary() == {"validation": [], "best_step": None, "best_nll": None}

@@ -38,6 +38,7 @@ rule train:
         teacher_dims=TEACHER_DIMS,
         manifests=TRAIN_MANIFESTS,
         data=data_path("train"),
+        validation=data_path("validation"),
         data_info=DATA_INFO,
         env=ENV,
         cka=cka_maps,
@@ -68,7 +69,8 @@ rule train:
         "--seed {wildcards.seed} --train {params.train:q} --job {params.job:q} "
         "--student-card {input.student_card:q} --student-dims {input.student_dims:q} "
         "--teacher-cards {input.teacher_cards:q} --teacher-dims {input.teacher_dims:q} "
-        "--manifests {input.manifests:q} --data {input.data:q} --data-info {input.data_info:q} "
+        "--manifests {input.manifests:q} --data {input.data:q} "
+        "--validation-data {input.validation:q} --data-info {input.data_info:q} "
         "--env {input.env:q} --max-length {params.max_length} {params.cka} "
         "--checkpoint-dir {params.checkpoint_dir:q} --tracker-dir {params.tracker_dir:q} "
         "--student-out {output.student:q} "
