@@ -21,7 +21,7 @@ rule lm_eval:
     resources:
         gpu=1,
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.lm_eval --threads {threads} --name {wildcards.evaluated} {params.model} "
         "--eval {params.eval:q} --task-yamls {input.task_yamls:q} "

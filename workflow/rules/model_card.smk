@@ -19,7 +19,7 @@ rule model_card:
         benchmark_path("model_card", "{arm}-seed{seed}")
     threads: 1
     conda:
-        "../../envs/kava.yaml"
+        "../envs/kava.yaml"
     shell:
         "python -m stages.model_card --threads {threads} --arm {wildcards.arm} "
         "--seed {wildcards.seed} --student {input.student:q} --train-info {input.train_info:q} "
