@@ -101,6 +101,11 @@ def write_publishable(card, student_dir, out_dir):
         raise KavaError(f"student folder {student_dir} has no config.json: not a trained student")
     with atomic_path(out_dir, is_dir=True) as tmp:
         for file in student_dir.iterdir():
+            # Not Snakemake's .snakemake_timestamp: a hard link would share it, and Snakemake
+            # touching this folder's would then make the student look updated, redoing its
+            # evaluation on the next run.
+            if file.name.startswith("."):
+                continue
             try:
                 os.link(file, tmp / file.name)
             except OSError:

@@ -69,11 +69,15 @@ def _stage(tmp_path, paths, arm="kv"):
 
 def test_card_metadata_reads_back_with_model_card_load(run_files):
     tmp_path, paths, files = run_files
+    # Snakemake's marker in a directory output: sharing it would make the student look updated.
+    (tmp_path / "student" / ".snakemake_timestamp").touch()
     done = _stage(tmp_path, paths)
     assert done.returncode == 0, done.stderr
     hub = tmp_path / "hub"
+    assert not (hub / ".snakemake_timestamp").exists()
     # the student's weights and tokenizer are published beside the card
-    assert {p.name for p in (tmp_path / "student").iterdir()} < {p.name for p in hub.iterdir()}
+    published = {p.name for p in (tmp_path / "student").iterdir() if not p.name.startswith(".")}
+    assert published < {p.name for p in hub.iterdir()}
     card = ModelCard.load(hub / "README.md")
     data = card.data
     assert data.base_model == files["base_card"]["name"]
