@@ -58,14 +58,17 @@ def tiny_card(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_cards(tmp_path_factory):
-    """Cards of the embedded default's real models (GGUF from PyPI packages), built once.
+    """Cards of the real teachers the shipped configs name (GGUF from PyPI packages), built once.
 
     Set KAVA_TEST_MODELS to a folder to keep them between test sessions."""
-    config = yaml.safe_load((PROJECT / "config" / "config.yaml").read_text())
+    specs = {}
+    for path in sorted((PROJECT / "config").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        specs.update({name: config["models"][name] for name in config["teachers"]
+                      if "gguf" in config["models"][name]})
     root = Path(os.environ.get("KAVA_TEST_MODELS") or tmp_path_factory.mktemp("real"))
     cards = {}
-    for name in config["teachers"]:
-        spec = config["models"][name]
+    for name, spec in specs.items():
         out = root / name
         cards[name] = (materialize(name, {"path": str(out)}, None) if (out / "config.json").exists()
                        else materialize(name, spec, out))
