@@ -118,10 +118,27 @@ def check_contrasts(config, arms):
                                 f"does not have ({', '.join(arms)})")
 
 
+def check_kv_exclude_layers(config, arms):
+    """train.kv_exclude_layers names student layers: where the config itself gives the student's
+    depth (derive.keep_layers, or a random model's num_hidden_layers), a layer beyond it is
+    refused now rather than in every train job (which checks it against the student's dims)."""
+    spec = config["models"][config["student"]]
+    depth = (len(spec["derive"]["keep_layers"]) if "derive" in spec
+             else spec.get("random", {}).get("num_hidden_layers"))
+    for arm, train in arms.items():
+        beyond = [layer for layer in train["kv_exclude_layers"] if depth is not None
+                  and layer >= depth]
+        if beyond:
+            raise KavaError(f"config arms.{arm}: kv_exclude_layers names layer {beyond[0]}, but "
+                            f"student {config['student']} has {depth} layers (0-{depth - 1})")
+
+
 def cross_checked(config):
     """Every check across config keys, made at once when the workflow is parsed (before any job):
     {"models": used_models, "arms": arm_configs, "eval_teachers": evaluated_teachers}."""
     arms = arm_configs(config)
     check_contrasts(config, arms)
-    return {"models": used_models(config), "arms": arms,
+    models = used_models(config)
+    check_kv_exclude_layers(config, arms)
+    return {"models": models, "arms": arms,
             "eval_teachers": evaluated_teachers(config)}

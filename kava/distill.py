@@ -10,7 +10,9 @@ other's space (kava.projector: student_to_teacher maps the student's KV onto the
 KV; teacher_to_student maps the teacher's onto the student's), on valid tokens only (real,
 aligned student tokens). With kv_std_norm both sides are divided by the teacher's own K or V
 standard deviation at that layer, measured once on the train store: a fixed scale, which the
-projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged).
+projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged over
+the student layers train.kv_exclude_layers leaves in). The control arms of train.kv_target swap
+the teacher's KV for other targets (kava.targets), read the same way.
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
@@ -61,6 +63,8 @@ class Distiller(nn.Module):
         self.register_buffer("teacher_std", teacher_std)
         self.loss_cfg = dict(loss_cfg)
         self.key_space = key_space
+        # The student layers whose KV terms count (teacher_std has a row per student layer).
+        self.kv_layers = kv_layers(loss_cfg["kv_exclude_layers"], teacher_std.shape[1])
         # The L2-to-init control pulls toward these; a resumed run rebuilds them from the card.
         self.init_params = ([p.detach().clone() for p in student.parameters()]
                             if loss_cfg["l2_init_weight"] else None)
@@ -87,7 +91,7 @@ class Distiller(nn.Module):
             kv_losses.append(losses * share)
             cosines.append(cos * share)
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
-        kv_term = self.teacher_mixture(kv_matrix)
+        kv_term = self.teacher_mixture(kv_matrix, self.kv_layers)
         kv_coefficient = cfg["kv_weight"] if kv_on_student else float(cfg["probe_projector"])
         kd_term = self.kd_term(outputs.logits, batch, kd_items or {})
         loss = (cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
@@ -121,12 +125,27 @@ class Distiller(nn.Module):
         """The logged loss of a step from its summed statistics: what the student minimises."""
         cfg = self.loss_cfg
         with torch.no_grad():
-            total = (cfg["ce_weight"] * ce + cfg["kv_weight"] * self.teacher_mixture(kv_matrix)
+            total = (cfg["ce_weight"] * ce
+                     + cfg["kv_weight"] * self.teacher_mixture(kv_matrix, self.kv_layers)
                      + cfg["kd_weight"] * kd + cfg["l2_init_weight"] * l2)
             if (cfg["teacher_entropy_weight"]
                     and isinstance(self.teacher_mixture.logits, nn.Parameter)):
                 total = total - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy()
         return float(total)
+
+
+def kv_layers(exclude, n_layers):
+    """The student layers (indices) whose KV terms the loss averages: all but
+    train.kv_exclude_layers, which must name layers the student has and leave one."""
+    beyond = [layer for layer in exclude if layer >= n_layers]
+    if beyond:
+        raise KavaError(f"train.kv_exclude_layers names layer {beyond[0]}, but the student has "
+                        f"{n_layers} layers (0-{n_layers - 1})")
+    kept = [layer for layer in range(n_layers) if layer not in exclude]
+    if not kept:
+        raise KavaError(f"train.kv_exclude_layers excludes all {n_layers} student layers: no KV "
+                        f"loss is left (set kv_weight 0 for a CE-only arm)")
+    return kept
 
 
 def build_projectors(layer_maps, teacher_shapes, student_shape, cfg):
@@ -223,7 +242,7 @@ def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_
         share = targets.mask.sum() / max(int(kv_items[name]), 1)
         losses, _ = layer_scores(pred, target, targets.mask, distiller.loss_cfg,
                                  distiller.teacher_std[t])
-        terms[f"kv/{name}"] = losses.mean() * share
+        terms[f"kv/{name}"] = losses[distiller.kv_layers].mean() * share
     reference = flat_grad(student_forward(distiller.student, held_out, distiller.key_space,
                                           held_out_ce_items)[0].loss)
     agreement = {}

@@ -108,12 +108,14 @@ class TeacherMixture(nn.Module):
         """`[n_layers, n_teachers]`, each row summing to 1."""
         return self.logits.softmax(dim=-1)
 
-    def forward(self, kv_losses):
-        """kv_losses `[n_layers, n_teachers]` → Σ_t w·KV per layer, averaged over layers."""
+    def forward(self, kv_losses, layers=None):
+        """kv_losses `[n_layers, n_teachers]` → Σ_t w·KV per layer, averaged over `layers`
+        (indices; None: all)."""
         if kv_losses.shape != self.logits.shape:
             raise KavaError(f"teacher weights: kv losses have shape {tuple(kv_losses.shape)}, "
                             f"expected [n_layers, n_teachers] = {list(self.logits.shape)}")
-        return (self.weights() * kv_losses).sum(dim=-1).mean()
+        per_layer = (self.weights() * kv_losses).sum(dim=-1)
+        return (per_layer if layers is None else per_layer[layers]).mean()
 
     def entropy(self):
         """Mean over layers of the entropy of the teacher weights (max log n_teachers)."""

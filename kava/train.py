@@ -58,6 +58,7 @@ from kava.layer_maps import resolve
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
+from kava.targets import self_targets, token_mean_targets
 from kava.tracking import Tracker
 from kava.validation import BestStep, validation_nll
 
@@ -147,7 +148,7 @@ class TrainData:
     ce_valid: list            # answer tokens per example
     kv_valid: dict            # {teacher: aligned student tokens per example}
     kv_lost: dict             # {teacher: fraction of student tokens no teacher token covers}
-    partner: list = None      # kv_shuffled: the example whose KV each example reads
+    partner: list = None      # kv_target shuffled: the example whose KV each example reads
     held_out: object = None   # diagnose_every: a batch of train rows kept out of training
     # {KD teacher: positions KD distils per example}; {} in an arm without KD.
     kd_valid: dict = field(default_factory=dict)
@@ -182,9 +183,11 @@ def derangement(n, seed):
     return partner
 
 
-def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps=None):
-    """The student's tokens and labels for every row, each teacher's store, the layer maps and
-    the time alignment; checks that they fit together."""
+def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps=None,
+               device="cpu"):
+    """The student's tokens and labels for every row, each teacher's store (or the control
+    targets of kv_target self / token_mean in its place), the layer maps and the time
+    alignment; checks that they fit together. device: where kv_target self runs the student."""
     tokenizer = load_tokenizer(student_card["dir"])
     students = [student_example(tokenizer, row, max_length) for row in rows]
     held_out = None
@@ -200,22 +203,25 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                                                     t["card"]["weights_sha256"])
               for t in teachers}
     key_space = shared_key_space(stores)
-    partner = derangement(len(students), seed) if cfg["kv_shuffled"] else None
+    partner = derangement(len(students), seed) if cfg["kv_target"] == "shuffled" else None
     positions = {}
     for name, store in stores.items():
         own = store_positions(store, [s["id"] for s in students], name)
         positions[name] = own if partner is None else [own[j] for j in partner]
     alignment = "position" if partner is not None else cfg["time_alignment"]
 
-    layer_maps, reasons = {}, {}
-    for teacher in teachers:
-        name, dims = teacher["card"]["name"], teacher["dims"]
-        layer_maps[name], reasons[name] = resolve(cfg, student_card, dims, stores[name].layers,
-                                                  cka_maps)
-        if tuple(stores[name].kv_shape) != (dims["num_kv_heads"], dims["head_dim"]):
-            raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
-                            f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
-                            f"says {(dims['num_kv_heads'], dims['head_dim'])}")
+    layer_maps, reasons = teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps)
+    if cfg["kv_target"] == "token_mean":
+        stores = {name: token_mean_targets(store, sorted(set(layer_maps[name])))
+                  for name, store in stores.items()}
+    elif cfg["kv_target"] == "self":
+        student = load_hf_model(student_card, torch.float32, device).eval()
+        stores = self_targets(stores, student, students, key_space, pad_id(tokenizer),
+                              cfg["effective_batch"])
+        positions = {name: list(range(len(students))) for name in stores}
+        layer_maps = {name: list(range(student_card["num_layers"])) for name in stores}
+        reasons = {name: "kv_target self: each student layer against its own initial KV"
+                   for name in stores}
 
     # Valid (aligned, non-pad) student tokens per teacher and example: the KV loss of a step is
     # a mean over the step's valid tokens, whichever process and micro-batch holds them.
@@ -246,6 +252,21 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
                      key_space, ce_valid, kv_valid, kv_lost, partner, held_out)
 
 
+def teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps):
+    """({teacher: its layer per student layer}, {teacher: why}), each store checked to hold
+    the KV shape of its teacher's dims."""
+    layer_maps, reasons = {}, {}
+    for teacher in teachers:
+        name, dims = teacher["card"]["name"], teacher["dims"]
+        layer_maps[name], reasons[name] = resolve(cfg, student_card, dims, stores[name].layers,
+                                                  cka_maps)
+        if tuple(stores[name].kv_shape) != (dims["num_kv_heads"], dims["head_dim"]):
+            raise KavaError(f"{teacher['manifest']}: stored KV of {name} is "
+                            f"{tuple(stores[name].kv_shape)} (heads, head_dim), its dims JSON "
+                            f"says {(dims['num_kv_heads'], dims['head_dim'])}")
+    return layer_maps, reasons
+
+
 def kd_positions(cfg, data):
     """{teacher: positions KD distils per example} for a KD arm (kd_weight > 0: each of its
     teachers), {} otherwise. Stored logits are read position by position, so each teacher must
@@ -267,13 +288,13 @@ def kd_positions(cfg, data):
     return counts
 
 
-def setup_model(cfg, data, student_card, student_dims, teachers, device):
+def setup_model(cfg, data, student_card, student_dims, device):
     """The Distiller: the student from its card, one projector per teacher (ridge ones fitted
     in closed form on train KV before any step), the teacher weights and the teachers' fixed KV
     scales."""
     student = load_hf_model(student_card, torch.float32, device).train()
-    teacher_shapes = {t["card"]["name"]: (t["dims"]["num_kv_heads"], t["dims"]["head_dim"])
-                      for t in teachers}
+    # The targets' shape: the teacher's, or the student's own under kv_target self.
+    teacher_shapes = {name: store.kv_shape for name, store in data.stores.items()}
     student_shape = (student_dims["num_kv_heads"], student_dims["head_dim"])
     projectors = build_projectors(data.layer_maps, teacher_shapes, student_shape, cfg)
     weights = build_teacher_mixture(student_dims["num_layers"], list(data.layer_maps),
@@ -334,8 +355,10 @@ def distribute(cfg, distiller, world, device):
         return distiller
     from torch.nn.parallel import DistributedDataParallel
 
-    # Projectors get no gradient in a CE-only arm without probe_projector, or frozen.
-    unused = (cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
+    # Projectors get no gradient in a CE-only arm without probe_projector, or frozen, nor
+    # those of the layers kv_exclude_layers leaves out.
+    unused = ((cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
+              or bool(cfg["kv_exclude_layers"]))
     return DistributedDataParallel(distiller, find_unused_parameters=unused,
                                    device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -375,9 +398,10 @@ def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, 
     micro = micro_batch_size(cfg, env, world)
     torch.manual_seed(seed)  # projector init; the student starts from its card's weights
     teachers = arm_teachers(cfg, teachers)
-    data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps)
+    data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps,
+                      device)
     data.kd_valid = kd_positions(cfg, data)
-    distiller = setup_model(cfg, data, student_card, student_dims, teachers, device)
+    distiller = setup_model(cfg, data, student_card, student_dims, device)
     model = distribute(cfg, distiller, world, device)
     optimizer = setup_optimizer(cfg, distiller)
     scheduler = setup_scheduler(cfg, optimizer)

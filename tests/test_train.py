@@ -734,7 +734,7 @@ def test_shuffled_arm_pairs_every_example_with_another_examples_kv(world):
     partner = derangement(16, seed=3)
     assert sorted(partner) == list(range(16)) and all(p != i for i, p in enumerate(partner))
     assert derangement(16, seed=4) != partner
-    cfg = train_config(kv_shuffled=True)
+    cfg = train_config(kv_target="shuffled")
     data = setup_data(cfg, 3, world["student"], world["student_dims"], world["teachers"],
                       world["rows"], MAX_LENGTH)
     assert data.partner == partner and data.alignment == "position"
@@ -862,8 +862,8 @@ def test_kd_arm_whose_teacher_store_has_no_logits_is_refused(world, tmp_path):
 
 
 def test_kd_on_tokens_other_than_the_students_is_refused(world, logits_teacher, tmp_path):
-    # kv_shuffled reads another example's store entry: its stored logits are of other tokens.
-    cfg = train_config(steps=1, kd_weight=1.0, kv_shuffled=True)
+    # kv_target shuffled reads another example's store entry: its logits are of other tokens.
+    cfg = train_config(steps=1, kd_weight=1.0, kv_target="shuffled")
     with pytest.raises(KavaError, match="stored tokens of example .* differ from the student's"):
         run(world, tmp_path, cfg, teachers=[logits_teacher])
 
