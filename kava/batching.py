@@ -29,7 +29,7 @@ from kava.errors import KavaError
 from kava.kvstore import LOGIT_TENSORS
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
-# "position" is not a setting: it is how a kv_shuffled control arm reads another example's KV.
+# "position" is not a setting: it is how a kv_target: shuffled arm reads another example's KV.
 TIME_ALIGNMENTS = (*schema_enum("time_alignment"), "position")
 
 
@@ -55,7 +55,7 @@ def time_alignment(student, teacher, mode):
     """How student tokens read one teacher's stored tokens, for one example: the identity for the
     same tokens; else character spans (auto: overlap; causal: only teacher tokens that have not
     read past the student token), interpolation when the store has no offsets or the config asks
-    for it; position: token i reads token i (a kv_shuffled arm, whose teacher text differs).
+    for it; position: token i reads token i (a kv_target: shuffled arm, whose teacher text differs).
 
     Returns (weights `[T_s, T_t]` or None for the identity, valid `[T_s]` bool)."""
     if mode not in TIME_ALIGNMENTS:

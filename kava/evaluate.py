@@ -260,7 +260,7 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     test_stores = teacher_stores(test_manifests, list(probe_maps), train_info)
     train_stores = teacher_stores(train_manifests, list(probe_maps), train_info)
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
-    # A kv_shuffled arm read other examples' KV in training; held out, every arm is measured
+    # A kv_target: shuffled arm read other examples' KV in training; held out, every arm is measured
     # against each example's own teacher KV.
     return heldout_scores(student, tokenizer, projectors, train_stores, test_stores, probe_maps,
                           train_rows, test_rows, max_length, batch_size, probe_ridge,

@@ -174,7 +174,7 @@ def derangement(n, seed):
     """A seeded permutation with no fixed point (one cycle through a random order): example i
     reads the KV of partner[i] ≠ i."""
     if n < 2:
-        raise KavaError("kv_shuffled needs at least 2 train examples to pair each with another")
+        raise KavaError("kv_target: shuffled needs at least 2 train examples to pair each with another")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).tolist()
     partner = [0] * n
