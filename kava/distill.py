@@ -11,6 +11,8 @@ KV; teacher_to_student maps the teacher's onto the student's), on valid tokens o
 aligned student tokens). With kv_std_norm both sides are divided by the teacher's own K or V
 standard deviation at that layer, measured once on the train store: a fixed scale, which the
 projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged).
+With kv_loss relation (kava.losses.relation_loss) nothing is projected: the teacher's KV, read
+at the token boundaries both tokenisations share, is compared through its relations.
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training

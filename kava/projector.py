@@ -113,9 +113,10 @@ class KVProjector(nn.Module):
         absorbs the student's basis freedom, as FitNets' regressor does) or teacher_to_student
         (the projected teacher KV is the student's target).
     kind: identity (no parameters; equal shapes only), none (no parameters, any shapes: the
-        KV is passed on as it is, for kv_loss relation, which compares no KV directly), ridge (DenseKV, fitted in closed form on
-        train KV by kava.distill before training), linear (LinearKV) or mlp (mlp_kv with
-        `hidden` units). layer_map[s] is the teacher layer student layer s is compared with.
+        KV is passed on as it is, for kv_loss relation, which compares no KV directly), ridge
+        (DenseKV, fitted in closed form on train KV by kava.distill before training), linear
+        (LinearKV) or mlp (mlp_kv with `hidden` units). layer_map[s] is the teacher layer
+        student layer s is compared with (None: none).
     Shapes are (num_key_value_heads, head_dim)."""
 
     def __init__(self, layer_map, teacher_shape, student_shape, kind, hidden, direction):

@@ -7,15 +7,19 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from kava.align import boundary_alignment, shared_boundaries
 from kava.distill import build_projectors
 from kava.errors import KavaError
+from kava.kvfit import kv_cosine
+from kava.kvstore import KVStore
 from kava.layer_maps import layers_to_store, minilm_layer_map, probe_layer_maps, resolve
 from kava.losses import kv_loss, relation_loss
 from kava.models import load_tokenizer
 from kava.projector import load_projectors
-from test_train import metrics, run, train_config, world  # noqa: F401  (world: a fixture)
+# world is a fixture: imported, pytest finds it here.
+from test_train import MAX_LENGTH, metrics, run, train_config, world  # noqa: F401
 
 
 def joined(b, t, width, seed=0):
@@ -58,7 +62,8 @@ def test_invariant_to_an_orthogonal_map_within_each_relation_head():
     teacher_blocks = [torch.linalg.qr(torch.randn(12, 12,
                                                   generator=torch.Generator().manual_seed(s)))[0]
                       for s in (5, 6)]
-    teacher_rotated = (teacher.flatten(-2) @ torch.block_diag(*teacher_blocks)).unflatten(-1, (3, 8))
+    teacher_rotated = (teacher.flatten(-2) @ torch.block_diag(*teacher_blocks)).unflatten(
+        -1, (3, 8))
     torch.testing.assert_close(
         relation_loss(student.unflatten(-1, (2, 8)), teacher_rotated, mask, heads), base)
     full = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(4)))[0]
@@ -134,7 +139,7 @@ def test_relation_heads_must_divide_both_widths():
                       torch.ones(1, 2, dtype=torch.bool), heads=3)
 
 
-# ---- positions both tokenisations share -----------------------------------------------------------
+# ---- positions both tokenisations share ---------------------------------------------------------
 
 def test_shared_boundaries_on_toy_spans():
     # Student: BOS, "ab", a byte-split "é" (two tokens, same span), "c"; teacher "a", "bé", "c".
@@ -163,11 +168,12 @@ def test_shared_boundaries_of_smollm2_and_gemma_on_cjk_and_emoji(real_cards):
         "买了", " ", "3", " 个", "苹果", "🍎"]
     # A byte-split character is read at its last byte token, which has seen all of it.
     for i in s.tolist():
-        assert i + 1 == len(spans["smollm2"]) or spans["smollm2"][i + 1][1] != spans["smollm2"][i][1]
+        student = spans["smollm2"]
+        assert i + 1 == len(student) or student[i + 1][1] != student[i][1]
     assert 0 not in t.tolist()  # Gemma's BOS holds no text
 
 
-# ---- layer map and settings -----------------------------------------------------------------------
+# ---- layer map and settings ---------------------------------------------------------------------
 
 def test_minilm_maps_the_last_student_layer_to_an_upper_middle_teacher_layer():
     assert minilm_layer_map(4, 24) == [None, None, None, 18]  # layer 19 of 24, as MiniLMv2
@@ -197,7 +203,7 @@ def test_relation_takes_no_projector_and_checks_widths_per_teacher():
         build_projectors(maps, {"gemma": (1, 256)}, (3, 64), {**cfg, "relation_heads": 5})
 
 
-# ---- a run against a teacher of another shape and tokenizer ---------------------------------------
+# ---- a run against a teacher of another shape and tokenizer -------------------------------------
 
 @pytest.mark.parametrize("layer_map", ["auto", "minilm"])
 def test_relation_run_against_teachers_of_other_shapes(world, tmp_path, layer_map):  # noqa: F811
@@ -219,7 +225,16 @@ def test_relation_run_against_teachers_of_other_shapes(world, tmp_path, layer_ma
         assert (mapping[:-1] == [None] * 3) == (layer_map == "minilm")
     # Across tokenizers only shared boundaries count: some student tokens get no target.
     assert summary["teachers"][gemma["card"]["name"]]["tokens_without_target"] > 0
-    assert all(p.kind == "none" for p in load_projectors(out["projector"]).values())
+    projectors = load_projectors(out["projector"])
+    assert all(p.kind == "none" for p in projectors.values())
+    # The evaluation's held-out cosine runs too: nan where there is nothing to compare (other
+    # shapes, or a layer the map leaves out), never an error.
+    stores = {t["card"]["name"]: KVStore(t["manifest"]) for t in world["teachers"]}
+    student = AutoModelForCausalLM.from_pretrained(out["student"])
+    cos = kv_cosine(student, projectors, stores, world["rows"][:4], load_tokenizer(out["student"]),
+                    MAX_LENGTH, batch_size=4, key_space="pre_rope", time_alignment="auto")
+    assert all(len(values) == 4 and all(math.isnan(v) for v in values)
+               for values in cos["per_layer"].values())
 
 
 def test_relation_refuses_another_time_alignment(world, tmp_path):  # noqa: F811
