@@ -87,3 +87,37 @@ def interpolate_alignment(n_student, n_teacher):
     weights.index_put_((rows, lo), 1 - frac, accumulate=True)
     weights.index_put_((rows, hi), frac, accumulate=True)
     return weights.float(), torch.ones(n_student, dtype=torch.bool)
+
+
+def shared_boundaries(student_spans, teacher_spans):
+    """(student token indices, teacher token indices) of the positions both tokenisations share:
+    pairs of non-empty tokens whose character spans end at the same offset, in text order. At
+    such a pair both models have read exactly the same text, so relations between shared
+    positions (kava.losses.relation_loss) index the same characters on both sides. Zero-width
+    tokens (BOS, specials) share no boundary: they hold no text."""
+    student = torch.as_tensor(student_spans, dtype=torch.long).reshape(-1, 2)
+    teacher = torch.as_tensor(teacher_spans, dtype=torch.long).reshape(-1, 2)
+    same_end = ((student[:, None, 1] == teacher[None, :, 1])
+                & (student[:, None, 1] > student[:, None, 0])
+                & (teacher[None, :, 1] > teacher[None, :, 0]))
+    # A tokenizer may end two tokens at one offset (a byte-split character gives a zero-width
+    # tail); each side's last such token has read the whole text up to it.
+    last = torch.arange(1, len(teacher) + 1) * same_end
+    student_idx = same_end.any(dim=1).nonzero().squeeze(1)
+    teacher_idx = last[student_idx].argmax(dim=1)
+    keep = torch.ones(len(student_idx), dtype=torch.bool)
+    keep[:-1] = student[student_idx[:-1], 1] != student[student_idx[1:], 1]
+    return student_idx[keep], teacher_idx[keep]
+
+
+def boundary_alignment(student_spans, teacher_spans):
+    """One-hot alignment on shared_boundaries: a student token that ends where a teacher token
+    ends reads that teacher token; every other student token is invalid."""
+    n_student = len(torch.as_tensor(student_spans).reshape(-1, 2))
+    n_teacher = len(torch.as_tensor(teacher_spans).reshape(-1, 2))
+    student_idx, teacher_idx = shared_boundaries(student_spans, teacher_spans)
+    weights = torch.zeros(n_student, n_teacher)
+    weights[student_idx, teacher_idx] = 1.0
+    valid = torch.zeros(n_student, dtype=torch.bool)
+    valid[student_idx] = True
+    return weights, valid

@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kava.align import (causal_span_alignment, interpolate_alignment, position_alignment,
-                        span_alignment)
+from kava.align import (boundary_alignment, causal_span_alignment, interpolate_alignment,
+                        position_alignment, span_alignment)
 from kava.config import schema_enum
 from kava.errors import KavaError
 from kava.kvstore import LOGIT_TENSORS
 
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
-# "position" is not a setting: it is how a kv_target: shuffled arm reads another example's KV.
-TIME_ALIGNMENTS = (*schema_enum("time_alignment"), "position")
+# Not settings: "position" is how a kv_target: shuffled arm reads another example's KV,
+# "boundary" how kv_loss relation reads a teacher (only where both tokenisations end a token).
+TIME_ALIGNMENTS = (*schema_enum("time_alignment"), "position", "boundary")
 
 
 def student_example(tokenizer, row, max_length):
@@ -55,7 +56,9 @@ def time_alignment(student, teacher, mode):
     """How student tokens read one teacher's stored tokens, for one example: the identity for the
     same tokens; else character spans (auto: overlap; causal: only teacher tokens that have not
     read past the student token), interpolation when the store has no offsets or the config asks
-    for it; position: token i reads token i (a kv_target: shuffled arm, whose teacher text differs).
+    for it; position: token i reads token i (a kv_target: shuffled arm, whose teacher text
+    differs); boundary: only the student tokens that end where a teacher token ends, reading that
+    token (kv_loss relation, whose relation matrices must index the same text on both sides).
 
     Returns (weights `[T_s, T_t]` or None for the identity, valid `[T_s]` bool)."""
     if mode not in TIME_ALIGNMENTS:
@@ -66,6 +69,12 @@ def time_alignment(student, teacher, mode):
         return position_alignment(n_student, n_teacher)
     if mode != "interpolate" and torch.equal(student["input_ids"], teacher["input_ids"].long()):
         return None, torch.ones(n_student, dtype=torch.bool)
+    if mode == "boundary":
+        if teacher.get("char_spans") is None:
+            raise KavaError("kv_loss relation compares a teacher of another tokenizer at the "
+                            "token boundaries both share, but its store holds no character "
+                            "offsets")
+        return boundary_alignment(student["char_spans"], teacher["char_spans"])
     if mode != "interpolate" and teacher.get("char_spans") is not None:
         spans = causal_span_alignment if mode == "causal" else span_alignment
         return spans(student["char_spans"], teacher["char_spans"])

@@ -13,6 +13,8 @@ standard deviation at that layer, measured once on the train store: a fixed scal
 projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then averaged over
 the student layers train.kv_exclude_layers leaves in). The control arms of train.kv_target swap
 the teacher's KV for other targets (kava.targets), read the same way.
+With kv_loss relation (kava.losses.relation_loss) nothing is projected: the teacher's KV, read
+at the token boundaries both tokenisations share, is compared through its relations.
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
@@ -22,29 +24,43 @@ KD_t is kava.losses.kd_loss of the student's logits against teacher t's stored t
 (a teacher with the student's tokenizer), over every real token but the last.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from kava.capture import student_forward
 from kava.errors import KavaError
-from kava.losses import TeacherMixture, kd_loss, kv_loss, masked_cosine
+from kava.losses import TeacherMixture, kd_loss, kv_loss, masked_cosine, relation_width_error
 from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
     """KV loss and cosine of one teacher, per student layer: two `[n_layers]` tensors (loss with
     autograd, cosine detached), each the mean over K and V on the valid tokens. std: `[n_layers,
-    2]` fixed scales of K and V (used with kv_std_norm)."""
+    2]` fixed scales of K and V (used with kv_std_norm).
+
+    A student layer without a target (None: the layer map leaves it out, as minilm does) scores
+    loss 0 and cosine nan, and each mapped layer's loss counts n_layers / n_mapped, so the mean
+    over layers (what TeacherMixture takes) is the mean over the mapped layers."""
     losses, cosines = [], []
-    for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred_kv, target_kv)):
+    mapped = [t is not None for t in target_kv]
+    for layer, (pred, target) in enumerate(zip(pred_kv, target_kv)):
+        if target is None:
+            losses.append(torch.zeros((), device=mask.device))
+            cosines.append(torch.tensor(float("nan"), device=mask.device))
+            continue
+        (pk, pv), (tk, tv) = pred, target
         per_kv = []
         for which, (p, t) in enumerate(((pk, tk), (pv, tv))):
             scale = std[layer, which] if loss_cfg["kv_std_norm"] else None
             per_kv.append(kv_loss(p, t, mask, loss_cfg["kv_loss"], alpha=loss_cfg["kv_alpha"],
-                                  beta=loss_cfg["kv_beta"], std=scale))
+                                  beta=loss_cfg["kv_beta"], std=scale,
+                                  relation_heads=loss_cfg["relation_heads"],
+                                  relation_temperature=loss_cfg["relation_temperature"]))
         losses.append((per_kv[0] + per_kv[1]) / 2)
         with torch.no_grad():
             cosines.append((masked_cosine(pk, tk, mask) + masked_cosine(pv, tv, mask)) / 2)
-    return torch.stack(losses), torch.stack(cosines)
+    return torch.stack(losses) * (len(mapped) / sum(mapped)), torch.stack(cosines)
 
 
 class Distiller(nn.Module):
@@ -150,11 +166,24 @@ def kv_layers(exclude, n_layers):
 
 def build_projectors(layer_maps, teacher_shapes, student_shape, cfg):
     """One KVProjector per teacher (dict, in teacher order). projector auto: the identity where
-    the teacher's KV has the student's shape, else a ridge-fitted dense map."""
+    the teacher's KV has the student's shape, else a ridge-fitted dense map; with kv_loss
+    relation none at all (any shapes, relation_heads dividing both joined widths), and a
+    projector setting other than auto is refused: a map would only add parameters the loss
+    is invariant to, or let student and map co-adapt."""
     projectors = {}
     for name in layer_maps:
         kind = cfg["projector"]
-        if kind == "auto":
+        if cfg["kv_loss"] == "relation":
+            if kind != "auto":
+                raise KavaError(f"train.projector {kind} with kv_loss relation: the relation loss "
+                                f"compares KV without a projector; set projector auto")
+            reason = relation_width_error(cfg["relation_heads"], {
+                "the student": math.prod(student_shape),
+                f"teacher {name}": math.prod(teacher_shapes[name])})
+            if reason:
+                raise KavaError(reason)
+            kind = "none"
+        elif kind == "auto":
             kind = "identity" if tuple(teacher_shapes[name]) == tuple(student_shape) else "ridge"
         projectors[name] = KVProjector(layer_maps[name], teacher_shapes[name], student_shape, kind,
                                        cfg["projector_hidden"], cfg["projector_direction"])
@@ -196,6 +225,8 @@ def fit_ridge_projectors(distiller, batches, ridge):
             projector, targets = distiller.projectors[name], batch.teachers[name]
             mask = targets.mask
             for layer, teacher_layer in enumerate(projector.layer_map):
+                if teacher_layer is None:
+                    continue
                 for which in (0, 1):
                     s, t = student_kv[layer][which][mask], targets.kv[teacher_layer][which][mask]
                     x, y = (t, s) if projector.direction == "teacher_to_student" else (s, t)

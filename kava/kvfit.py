@@ -60,7 +60,11 @@ class _Cosines:
             targets = batch.teachers[name]
             n_valid = int(targets.mask.sum())
             pred, target = compared_pairs(projector, student_kv, targets.kv)
-            for layer, ((pk, pv), (tk, tv)) in enumerate(zip(pred, target)):
+            for layer, (pair, target_pair) in enumerate(zip(pred, target)):
+                if target_pair is None:  # a layer the map leaves out (minilm): no cosine
+                    self.sums[name][layer] = float("nan")
+                    continue
+                (pk, pv), (tk, tv) = pair, target_pair
                 cos = (masked_cosine(pk, tk, targets.mask) + masked_cosine(pv, tv, targets.mask)) / 2
                 self.sums[name][layer] += float(cos) * n_valid
             self.counts[name] += n_valid
@@ -112,7 +116,8 @@ def kv_cosine(student, projectors, stores, rows, tokenizer, max_length, batch_si
 
     stores: {teacher: KVStore}. Returns {"overall", "per_teacher": {t: float},
     "per_layer": {t: [float per student layer]}}, the shape kava.evaluate.eval_record takes."""
-    layers = {name: sorted(set(projector.layer_map)) for name, projector in projectors.items()}
+    layers = {name: sorted(set(projector.layer_map) - {None})
+              for name, projector in projectors.items()}
     cosines, = _collect([_Cosines(student, projectors)], student,
                         {n: stores[n] for n in projectors}, layers, rows, tokenizer, max_length,
                         batch_size, key_space, time_alignment)
@@ -171,8 +176,8 @@ def heldout_scores(student, tokenizer, projectors, train_stores, test_stores, la
     held-out KV fit; two passes were a sizeable part of an evaluation's time)."""
     args = (max_length, batch_size, key_space, time_alignment)
     fit = _probe_fit(student, tokenizer, train_stores, layer_maps, train_rows, *args)
-    layers = {name: sorted(set(layer_maps[name]) | set(projectors[name].layer_map
-                                                       if name in projectors else ()))
+    layers = {name: sorted((set(layer_maps[name]) | set(projectors[name].layer_map
+                                                        if name in projectors else ())) - {None})
               for name in layer_maps}
     cosines, held_out = _collect([_Cosines(student, projectors), _ProbeTokens(layer_maps)],
                                  student, test_stores, layers, test_rows, tokenizer, *args)

@@ -2,7 +2,8 @@
 training (resolve), precompute (layers_to_store), evaluation's probe (probe_layer_maps) and the
 CKA search (cka_layer_map).
 
-A layer map is a list indexed by student layer, holding a teacher layer.
+A layer map is a list indexed by student layer, holding a teacher layer, or None for a
+student layer that learns from no layer of that teacher (layer_map minilm).
 """
 
 import torch
@@ -26,6 +27,20 @@ def ratio_layer_map(n_student, n_teacher):
     # Integer round-half-up of i*(n_teacher-1)/(n_student-1): no float ties, same on every machine.
     span_s, span_t = n_student - 1, n_teacher - 1
     return [(2 * i * span_t + span_s) // (2 * span_s) for i in range(n_student)]
+
+
+def minilm_layer_map(n_student, n_teacher):
+    """MiniLMv2's choice (Wang et al. 2021, arXiv 2012.15828): only the student's last layer
+    learns, from one upper-middle teacher layer, which for large teachers transferred better
+    than the teacher's last. The paper took layer 19 of 24 (RoBERTa-large, XLM-R-large; 21 of
+    24 for BERT-large); kava generalises it as layer round(0.8·L) counted from 1, i.e. index
+    round(0.8·L) − 1 (18 layers: 13; 30 layers: 23). The other student layers map to None."""
+    if n_student < 1 or n_teacher < 1:
+        raise KavaError(f"layer map needs at least one layer, got {n_student} student and "
+                        f"{n_teacher} teacher layers")
+    # Integer round-half-up of 0.8·L, as ratio_layer_map rounds.
+    upper_middle = max((8 * n_teacher + 5) // 10 - 1, 0)
+    return [None] * (n_student - 1) + [upper_middle]
 
 
 def pruned_from(card):
@@ -75,6 +90,9 @@ def resolve(arm, student_card, teacher_dims, stored_layers, cka_maps=None):
         mapping, why = auto_layer_map(n_student, n_teacher, teacher, pruned_from(student_card))
     elif mode == "ratio":
         mapping = ratio_layer_map(n_student, n_teacher)
+    elif mode == "minilm":
+        mapping = minilm_layer_map(n_student, n_teacher)
+        why = f"minilm: the student's last layer learns from upper-middle layer {mapping[-1]}"
     elif mode == "explicit":
         explicit = arm.get("explicit_layer_map") or {}
         if teacher not in explicit:
@@ -91,7 +109,7 @@ def resolve(arm, student_card, teacher_dims, stored_layers, cka_maps=None):
         raise KavaError(f"unknown layer map {mode!r}; choose one of {', '.join(LAYER_MAPS)}")
     stored = set(stored_layers)
     for student_layer, teacher_layer in enumerate(mapping):
-        if teacher_layer not in stored:
+        if teacher_layer is not None and teacher_layer not in stored:
             raise KavaError(f"student layer {student_layer} maps to teacher {teacher} layer "
                             f"{teacher_layer}, which its KV store does not hold (stored layers: "
                             f"{sorted(stored)}); precompute it or change the layer map")
@@ -112,7 +130,7 @@ def layers_to_store(spec, n_teacher, student_card=None, teacher="teacher", arms=
             if arm["layer_map"] == "cka":
                 return list(range(n_teacher))
             mapping, _ = resolve(arm, student_card, teacher_dims, range(n_teacher))
-            used.update(mapping)
+            used.update(layer for layer in mapping if layer is not None)
         return sorted(used)
     bad = [layer for layer in spec if not 0 <= layer < n_teacher]
     if bad:
@@ -125,11 +143,15 @@ def probe_layer_maps(train_info, n_student, teacher_dims, student_card):
     """{teacher: layer map} the held-out probe scores, for every teacher of the run: the map
     training used for a teacher the student learned from, else the one layer_map auto would
     give. So an arm that learned from one teacher is still measured against the others, which
-    tells whether its KV moved towards its teacher only or towards any teacher."""
+    tells whether its KV moved towards its teacher only or towards any teacher. A student
+    layer the training map leaves out (minilm) is probed against the map's last teacher layer:
+    the probe scores every student layer, and the store may hold no other layer."""
     maps = {}
     for name, dims in teacher_dims.items():
         if name in train_info["teachers"]:
-            maps[name] = train_info["teachers"][name]["layer_map"]
+            trained = train_info["teachers"][name]["layer_map"]
+            last = [layer for layer in trained if layer is not None][-1]
+            maps[name] = [last if layer is None else layer for layer in trained]
         else:
             maps[name] = auto_layer_map(n_student, dims["num_layers"], name,
                                         pruned_from(student_card))[0]

@@ -10,6 +10,8 @@ The answer cross-entropy is not here: a transformers causal LM computes it when 
 tokens, logits upcast to float32). Under gradient accumulation pass `num_items_in_batch`.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,8 @@ def _cosine(p, s, p_norm, s_norm):
     return (p * s).sum(dim=-1) / (p_norm * s_norm)
 
 
-def kv_loss(pred, target, mask, kind, *, alpha, beta, std=None):
+def kv_loss(pred, target, mask, kind, *, alpha, beta, std=None, relation_heads=1,
+            relation_temperature=1.0):
     """Scalar loss between two `[B, T, H, D]` KV tensors of one layer over the valid tokens.
 
     mercator: alpha·(1 − cos) + beta·(log‖pred‖ − log‖target‖)² per token and head (direction
@@ -55,9 +58,15 @@ def kv_loss(pred, target, mask, kind, *, alpha, beta, std=None):
     mse, smooth_l1: per element, averaged over valid tokens, heads and head_dim.
     std: if given (a fixed scale: the teacher's own K or V std at that layer, as KaVa/CODI
         normalise), both sides are divided by it first, so the loss is in units of the target's
-        spread. Mercator is scale-free, so for it this changes nothing."""
+        spread. Mercator is scale-free, so for it this changes nothing.
+    relation: relation_loss with relation_heads and relation_temperature (used by this kind
+        only); pred and target may differ in heads and head_dim, and std changes nothing (the
+        relations of a rescaled side differ only by the softmax's sharpness, which a fixed
+        scale cannot be allowed to tune, so it is not applied)."""
     if kind not in KV_LOSSES:
         raise KavaError(f"unknown kv loss {kind!r}; choose one of {', '.join(KV_LOSSES)}")
+    if kind == "relation":
+        return relation_loss(pred, target, mask, relation_heads, relation_temperature)
     p, s = _valid(pred, target, mask)
     if std is not None:
         p, s = p / std, s / std
@@ -71,9 +80,68 @@ def kv_loss(pred, target, mask, kind, *, alpha, beta, std=None):
     return _mean(per_head)
 
 
+def relation_width_error(heads, widths):
+    """None if `heads` relation heads split every KV width in `widths` ({side: H·D}) evenly,
+    else the reason, naming the sides."""
+    uneven = {side: width for side, width in widths.items() if width % heads}
+    if not uneven:
+        return None
+    return (f"train.relation_heads {heads} does not divide the joined KV width (heads x "
+            f"head_dim) of " + ", ".join(f"{side} ({width})" for side, width in uneven.items()))
+
+
+def _relation_logp(x, mask, heads, temperature):
+    """[B, T, H, D] KV → [B, R, T, T] log row-softmax of the scaled dot products between the
+    tokens' joined-and-resplit relation heads, each row i over the valid tokens j ≤ i."""
+    b, t = x.shape[:2]
+    width = x.shape[2] * x.shape[3]
+    # Zeroed first, so nothing of a pad or unaligned token (not even inf or nan) reaches a
+    # score. Join the KV heads, re-split into R relation heads: [B, R, T, width / R].
+    x = x.float().masked_fill(~mask[:, :, None, None], 0.0)
+    x = x.reshape(b, t, heads, width // heads).transpose(1, 2)
+    scores = x @ x.transpose(-1, -2) / (math.sqrt(width / heads) * temperature)
+    # Row i relates to the valid j ≤ i, and always to itself: a row with nothing allowed would
+    # be all -inf, whose softmax (and gradient) is nan even where the row is dropped.
+    eye = torch.eye(t, dtype=torch.bool, device=x.device)
+    allowed = eye.tril() | (torch.ones_like(eye).tril() & mask[:, None, None, :])
+    return scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1), allowed
+
+
+def relation_loss(pred, target, mask, heads, temperature=1.0):
+    """MiniLMv2's self-attention relation distillation (Wang et al. 2021, arXiv 2012.15828) on
+    one of K or V: KL(teacher ‖ student) between the row-softmaxes of scaled dot products
+    among the valid tokens, causally (token i relates to the valid tokens j ≤ i), averaged
+    over valid rows and relation heads.
+
+    pred (student) and target (teacher) are `[B, T, H, D]` over the same tokens (aligned at
+    shared token boundaries) but may differ in H and D: each side's heads are joined to one
+    H·D vector per token and re-split into `heads` relation heads, each scaled by
+    1/sqrt(H·D / heads) and divided by `temperature`. No parameters, so no projector: a
+    relation is unchanged by an orthogonal map within a relation head and by how the joined
+    width is split into KV heads. mask `[B, T]`; a batch with no valid token gives 0."""
+    if pred.shape[:2] != mask.shape or target.shape[:2] != mask.shape:
+        raise KavaError(f"relation loss: pred {tuple(pred.shape)}, target "
+                        f"{tuple(target.shape)} and mask {tuple(mask.shape)} do not match as "
+                        f"[B, T, H, D] and [B, T]")
+    reason = relation_width_error(heads, {"student": pred.shape[2] * pred.shape[3],
+                                          "teacher": target.shape[2] * target.shape[3]})
+    if reason:
+        raise KavaError(reason)
+    student, allowed = _relation_logp(pred, mask, heads, temperature)
+    teacher, _ = _relation_logp(target, mask, heads, temperature)
+    # Zero, not nan, where a token is not allowed: -inf − -inf would poison the sum.
+    per_row = F.kl_div(student, teacher, log_target=True, reduction="none").masked_fill(
+        ~allowed, 0.0).sum(dim=-1)                                  # [B, R, T]
+    rows = mask[:, None, :].expand_as(per_row)
+    return _mean(per_row[rows])
+
+
 def masked_cosine(pred, target, mask):
     """Mean cosine similarity per token and head over the valid tokens (0 when there are none;
-    weigh batches by mask.sum() when averaging)."""
+    weigh batches by mask.sum() when averaging). nan when the two sides differ in (heads,
+    head_dim): KV compared without a projector (kv_loss relation) has no cosine."""
+    if pred.shape[:2] == target.shape[:2] and pred.shape[2:] != target.shape[2:]:
+        return torch.tensor(float("nan"), device=pred.device)
     p, s = _valid(pred, target, mask)
     return _mean(_cosine(p, s, _norms(p), _norms(s)))
 

@@ -18,8 +18,9 @@ from kava.errors import KavaError
 from kava.io import atomic_path
 from kava.kvstore import write_safetensors
 
-# train.projector's kinds but auto, which kava.distill.build_projectors resolves to one of them.
-KINDS = tuple(kind for kind in schema_enum("projector") if kind != "auto")
+# train.projector's kinds but auto, which kava.distill.build_projectors resolves to one of them,
+# and none: not a setting, what auto means for kv_loss relation (no map, any shapes).
+KINDS = (*(kind for kind in schema_enum("projector") if kind != "auto"), "none")
 DIRECTIONS = schema_enum("projector_direction")
 
 
@@ -111,9 +112,11 @@ class KVProjector(nn.Module):
     direction: student_to_teacher (the teacher's fixed KV is the target and the projector
         absorbs the student's basis freedom, as FitNets' regressor does) or teacher_to_student
         (the projected teacher KV is the student's target).
-    kind: identity (no parameters; equal shapes only), ridge (DenseKV, fitted in closed form on
-        train KV by kava.distill before training), linear (LinearKV) or mlp (mlp_kv with
-        `hidden` units). layer_map[s] is the teacher layer student layer s is compared with.
+    kind: identity (no parameters; equal shapes only), none (no parameters, any shapes: the
+        KV is passed on as it is, for kv_loss relation, which compares no KV directly), ridge
+        (DenseKV, fitted in closed form on train KV by kava.distill before training), linear
+        (LinearKV) or mlp (mlp_kv with `hidden` units). layer_map[s] is the teacher layer
+        student layer s is compared with (None: none).
     Shapes are (num_key_value_heads, head_dim)."""
 
     def __init__(self, layer_map, teacher_shape, student_shape, kind, hidden, direction):
@@ -123,7 +126,7 @@ class KVProjector(nn.Module):
         if direction not in DIRECTIONS:
             raise KavaError(f"unknown projector direction {direction!r}; choose one of "
                             f"{', '.join(DIRECTIONS)}")
-        self.layer_map = [int(t) for t in layer_map]
+        self.layer_map = [None if t is None else int(t) for t in layer_map]
         self.teacher_shape = tuple(int(n) for n in teacher_shape)
         self.student_shape = tuple(int(n) for n in student_shape)
         self.kind, self.direction = kind, direction
@@ -136,7 +139,7 @@ class KVProjector(nn.Module):
                             f"head_dim); use projector ridge, linear or mlp")
 
         def make():
-            if kind == "identity":
+            if kind in ("identity", "none"):
                 return nn.Identity()
             if kind == "ridge":
                 return DenseKV(self.in_shape, self.out_shape)
@@ -154,7 +157,8 @@ class KVProjector(nn.Module):
         if len(kv) != len(self.layer_map):
             raise KavaError(f"projector: got KV of {len(kv)} layers, it maps "
                             f"{len(self.layer_map)}")
-        return [tuple(self._project(layer, which, x) for which, x in zip("kv", pair))
+        return [None if pair is None else
+                tuple(self._project(layer, which, x) for which, x in zip("kv", pair))
                 for layer, pair in enumerate(kv)]
 
     def _project(self, student_layer, which, x):
@@ -236,8 +240,9 @@ def load_projectors(path):
 
 def compared_pairs(projector, student_kv, teacher_kv):
     """(prediction, target) KV per student layer for one teacher: the projector maps whichever
-    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}."""
-    mapped = [teacher_kv[layer] for layer in projector.layer_map]
+    side its direction says into the other's space. teacher_kv: {teacher layer: (K, V)}. A
+    student layer the layer map leaves out (None) gets None as its target."""
+    mapped = [None if layer is None else teacher_kv[layer] for layer in projector.layer_map]
     if projector.direction == "teacher_to_student":
         return student_kv, projector(mapped)
     return projector(student_kv), mapped

@@ -155,7 +155,8 @@ class TrainData:
 
     @property
     def used_layers(self):
-        return {name: sorted(set(m)) for name, m in self.layer_maps.items()}
+        return {name: sorted({layer for layer in m if layer is not None})
+                for name, m in self.layer_maps.items()}
 
 
 def arm_teachers(cfg, teachers):
@@ -209,6 +210,12 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
         own = store_positions(store, [s["id"] for s in students], name)
         positions[name] = own if partner is None else [own[j] for j in partner]
     alignment = "position" if partner is not None else cfg["time_alignment"]
+    if cfg["kv_loss"] == "relation" and partner is None:
+        if alignment != "auto":
+            raise KavaError(f"train.time_alignment {alignment} with kv_loss relation: the "
+                            f"relation loss reads teachers at the token boundaries both "
+                            f"tokenisations share; set time_alignment auto")
+        alignment = "boundary"
 
     layer_maps, reasons = teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps)
     if cfg["kv_target"] == "token_mean":
@@ -301,8 +308,9 @@ def setup_model(cfg, data, student_card, student_dims, device):
                                     cfg["teacher_weighting"], cfg["teacher_weights"])
     stds = {name: teacher_kv_std(data.stores[name], data.used_layers[name],
                                  cfg["teacher_stats_examples"]) for name in data.stores}
-    teacher_std = torch.tensor([[stds[name][layer] for layer in data.layer_maps[name]]
-                                for name in data.stores])
+    # A student layer without a teacher layer (layer_map minilm) is never scored: scale 1.
+    teacher_std = torch.tensor([[stds[name].get(layer, (1.0, 1.0))
+                                 for layer in data.layer_maps[name]] for name in data.stores])
     distiller = Distiller(student, projectors, weights, teacher_std, cfg, data.key_space)
     distiller.to(device)
     examples = list(range(min(len(data.students), cfg["projector_fit_examples"])))
@@ -806,7 +814,8 @@ def _metrics_line(step, result, teachers, step_s, elapsed, learned_weights, agre
     kv_matrix, cos = result["kv"], result["cos"]
     for t, name in enumerate(teachers):
         line[f"kv/{name}"] = float(kv_matrix[:, t].mean())
-        line[f"cos/{name}"] = float(cos[:, t].mean())
+        # nanmean: a student layer without a target (layer_map minilm) has no cosine.
+        line[f"cos/{name}"] = float(cos[:, t].nanmean())
         for layer, value in enumerate(cos[:, t].tolist()):
             line[f"cos/{name}/{layer}"] = value
         if learned_weights:

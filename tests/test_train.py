@@ -705,7 +705,7 @@ def test_std_normalised_loss_is_in_units_of_the_teachers_spread():
     pred = [(t + torch.randn_like(t), v + torch.randn_like(v)) for t, v in target]
     mask = torch.ones(2, 5, dtype=torch.bool)
     std = torch.tensor([[3.0, 0.5]])
-    cfg = {"kv_std_norm": True, "kv_loss": "mse", "kv_alpha": 1.0, "kv_beta": 0.0}
+    cfg = train_config(kv_std_norm=True, kv_loss="mse", kv_alpha=1.0, kv_beta=0.0)
     losses, _ = layer_scores(pred, target, mask, cfg, std)
     (pk, pv), (tk, tv) = pred[0], target[0]
     expected = (((pk - tk) / 3).square().mean() + ((pv - tv) / 0.5).square().mean()) / 2
