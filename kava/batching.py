@@ -107,19 +107,21 @@ def align_teacher(student, teacher, layers, mode, kv_shape=None):
 class TeacherTargets:
     """One teacher's aligned KV for a padded batch: kv {teacher layer: (K, V)} `[B, T, H, D]`
     and mask `[B, T]` (True: a real student token that the teacher covers). For a KD teacher
-    also its stored top-k logits, `logits` {top_ids, top_logp: [B, T, k], tail_logp: [B, T]}, and
-    `kd_mask` [B, T]: the positions distilled (every stored token but each example's last, whose
-    next token is past the text)."""
+    also its stored top-k logits on the student's positions (kd_pairs), `logits` {top_ids,
+    top_logp: [B, T, k], tail_logp: [B, T]}, `kd_mask` [B, T]: the positions distilled, and
+    `kd_kind`: the KD loss they are distilled with (kava.losses.kd_kind)."""
     kv: dict
     mask: torch.Tensor
     logits: dict = None
     kd_mask: torch.Tensor = None
+    kd_kind: str = None
 
     def to(self, device):
         return TeacherTargets({layer: (k.to(device), v.to(device))
                                for layer, (k, v) in self.kv.items()}, self.mask.to(device),
                               self.logits and {n: t.to(device) for n, t in self.logits.items()},
-                              None if self.kd_mask is None else self.kd_mask.to(device))
+                              None if self.kd_mask is None else self.kd_mask.to(device),
+                              self.kd_kind)
 
 
 @dataclass
@@ -164,11 +166,11 @@ def _pad(rows, value, length):
     return out
 
 
-def collate(students, teachers, pad_id, mode, kd_teachers=()):
+def collate(students, teachers, pad_id, mode, kd_teachers=None):
     """students: student_example dicts; teachers: {name: (examples from that teacher's store,
     one per student example, in order, None where the store lacks it; teacher layers to keep;
-    the store's (heads, head_dim))}; kd_teachers: those whose stored logits are collated too
-    (their tokens are the student's, checked at setup, so position t is token t on both sides)."""
+    the store's (heads, head_dim))}; kd_teachers: {name: KD kind} of those whose stored logits
+    are collated too (checked at setup to be of the student's own examples)."""
     length = max(len(s["input_ids"]) for s in students)
     ids = [s["input_ids"] for s in students]
     batch = Batch(
@@ -182,27 +184,49 @@ def collate(students, teachers, pad_id, mode, kd_teachers=()):
               for layer in layers}
         batch.teachers[name] = TeacherTargets(kv, _pad([valid for _, valid in aligned], False,
                                                        length))
-        if name in kd_teachers:
-            batch.teachers[name].logits, batch.teachers[name].kd_mask = _stored_logits(
-                examples, students, length)
+        if kd_teachers and name in kd_teachers:
+            targets = batch.teachers[name]
+            targets.kd_kind = kd_teachers[name]
+            targets.logits, targets.kd_mask = _stored_logits(examples, students, length,
+                                                             targets.kd_kind)
     return batch
 
 
-def _stored_logits(examples, students, length):
-    """A KD teacher's stored top-k logits right-padded to `length`, and the positions to
-    distil; an example the store skipped gives zeros, none distilled."""
+def kd_pairs(student, teacher, kind):
+    """Which stored teacher position each student position's next-token distribution is
+    distilled from, for one example: (teacher index `[T_s]` long, distilled `[T_s]` bool).
+    Never a student's last token, whose next token is past the text.
+
+    kl: position t on both sides (its tokens are the student's, checked at setup). uld: the
+    teacher token the causal time alignment (kava.align.causal_span_alignment, the last teacher
+    token ending inside the student token) picks, kept only where it ends on the same character
+    as the student token: both have then read exactly the same text and predict what follows."""
+    n = len(student["input_ids"])
+    if kind == "kl":
+        return torch.arange(n), torch.arange(n) < n - 1
+    weights, valid = causal_span_alignment(student["char_spans"], teacher["char_spans"])
+    index = weights.argmax(dim=1)
+    same_end = teacher["char_spans"][index, 1].long() == student["char_spans"][:, 1]
+    return index, valid & same_end & (torch.arange(n) < n - 1)
+
+
+def _stored_logits(examples, students, length, kind):
+    """A KD teacher's stored top-k logits on the student's positions (kd_pairs), right-padded to
+    `length`, and the positions to distil; an example the store skipped gives zeros, none
+    distilled."""
     stored = next((t for t in examples if t is not None), None)
+    pairs = [kd_pairs(s, t, kind) if t is not None else
+             (torch.zeros(len(s["input_ids"]), dtype=torch.long),
+              torch.zeros(len(s["input_ids"]), dtype=torch.bool))
+             for t, s in zip(examples, students)]
     logits = {}
     for name in LOGIT_TENSORS:
         like = stored[name] if stored is not None else torch.zeros(0, 1)
-        rows = [t[name] if t is not None else
+        rows = [t[name][index] if t is not None else
                 torch.zeros(len(s["input_ids"]), *like.shape[1:], dtype=like.dtype)
-                for t, s in zip(examples, students)]
+                for t, s, (index, _) in zip(examples, students, pairs)]
         logits[name] = _pad(rows, 0, length)
-    positions = [torch.arange(len(s["input_ids"])) < (len(s["input_ids"]) - 1 if t is not None
-                                                       else 0)
-                 for t, s in zip(examples, students)]
-    return logits, _pad(positions, False, length)
+    return logits, _pad([mask for _, mask in pairs], False, length)
 
 
 def _epoch_seed(seed, epoch):

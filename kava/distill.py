@@ -20,8 +20,9 @@ The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` i
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
 KV cosine means the same for every arm.
 
-KD_t is kava.losses.kd_loss of the student's logits against teacher t's stored top-k logits
-(a teacher with the student's tokenizer), over every real token but the last.
+KD_t compares the student's logits with teacher t's stored top-k logits, over every real token
+but the last: kava.losses.kd_loss (KL) for a teacher with the student's tokenizer, uld_loss (ULD)
+at the tokens whose text ends where a teacher token's does otherwise (train.kd_loss).
 """
 
 import math
@@ -31,7 +32,8 @@ from torch import nn
 
 from kava.capture import student_forward
 from kava.errors import KavaError
-from kava.losses import TeacherMixture, kd_loss, kv_loss, masked_cosine, relation_width_error
+from kava.losses import (TeacherMixture, kd_loss, kv_loss, masked_cosine, relation_width_error,
+                          uld_loss)
 from kava.projector import KVProjector, compared_pairs
 
 def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
@@ -128,13 +130,17 @@ class Distiller(nn.Module):
     def kd_term(self, logits, batch, kd_items):
         """Mean over the KD teachers of this micro-batch's share of each one's step KD (0
         without any)."""
-        terms = []
+        terms, temperature = [], self.loss_cfg["kd_temperature"]
         for name, items in kd_items.items():
-            targets = batch.teachers[name]
+            targets, stored = batch.teachers[name], batch.teachers[name].logits
             share = targets.kd_mask.sum() / max(int(items), 1)
-            terms.append(share * kd_loss(logits, targets.logits["top_ids"],
-                                         targets.logits["top_logp"], targets.logits["tail_logp"],
-                                         targets.kd_mask, self.loss_cfg["kd_temperature"]))
+            if targets.kd_kind == "uld":
+                term = uld_loss(logits, stored["top_logp"], stored["tail_logp"], targets.kd_mask,
+                                temperature)
+            else:
+                term = kd_loss(logits, stored["top_ids"], stored["top_logp"], stored["tail_logp"],
+                               targets.kd_mask, temperature)
+            terms.append(share * term)
         return torch.stack(terms).mean() if terms else torch.zeros((), device=logits.device)
 
     def objective(self, ce, kv_matrix, l2, kd=0.0):

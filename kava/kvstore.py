@@ -19,8 +19,8 @@ scale groups, which are the batches of its forward):
                                      v_exp.<l> [G, r_l] per component:
                                      K = mean_k.<l> + (k * 2**k_exp[group]) @ basis_k.<l>
 
-With stored logits (precompute.logits_k > 0, a teacher whose tokenizer is the student's), per
-token the teacher's next-token distribution there (the logits at token t predict token t+1):
+With stored logits (precompute.logits_k > 0, a teacher some arm distils from), per token the
+teacher's next-token distribution there (the logits at token t predict token t+1):
 
     top_logp       dtype  [T, k]     the k largest log-probabilities, descending (bf16/fp16/fp32)
     top_ids        uint16 [T, k]     their token ids (int32 when the vocabulary exceeds 65536)

@@ -1,5 +1,5 @@
-"""KV distillation losses over padded batches, logit KD from a stored top-k, and the weighting
-of several teachers.
+"""KV distillation losses over padded batches, logit KD from a stored top-k (KL for a teacher
+with the student's tokenizer, ULD across tokenizers), and the weighting of several teachers.
 
 All take KV of one layer as `[B, T, H, D]` with a `[B, T]` boolean mask (True = a real,
 aligned token) and average over valid tokens and heads only. A batch with no valid token gives
@@ -21,6 +21,7 @@ from kava.errors import KavaError
 
 KV_LOSSES = schema_enum("kv_loss")
 TEACHER_WEIGHTINGS = schema_enum("teacher_weighting")
+KD_KINDS = schema_enum("kd_loss")
 
 # Floor under vector norms: log-norm and cosine, and their gradients, stay finite at zero vectors.
 _NORM_EPS = 1e-6
@@ -212,10 +213,61 @@ def kd_loss(student_logits, top_ids, top_logp, tail_logp, mask, temperature=1.0)
     sides alike, as if each were one token: exact at τ = 1; otherwise the tail's own spread is
     unknown from the store, so it tempers as one token. A batch with no position gives 0."""
     logits = student_logits[mask].float()
-    teacher = torch.cat([top_logp[mask].float(), tail_logp[mask].float().unsqueeze(-1)], dim=-1)
-    student = with_tail(logits.log_softmax(dim=-1).gather(-1, top_ids[mask].long()))
-    if temperature != 1.0:
-        teacher = (teacher / temperature).log_softmax(dim=-1)
-        student = (student / temperature).log_softmax(dim=-1)
+    teacher = _tempered(_teacher_buckets(top_logp[mask], tail_logp[mask]), temperature)
+    student = _tempered(with_tail(logits.log_softmax(dim=-1).gather(-1, top_ids[mask].long())),
+                        temperature)
     per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)
     return temperature ** 2 * _mean(per_position)
+
+
+def uld_loss(student_logits, top_logp, tail_logp, mask, temperature=1.0):
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030) from a stored top-k:
+    the L1 distance between the teacher's and the student's probabilities sorted in descending
+    order — the Wasserstein-1 distance the paper derives for a uniform transport cost, which
+    compares the two distributions' shapes rank by rank and so needs no map between their
+    vocabularies. Summed over ranks, averaged over the `mask` positions.
+
+    Both sides are k + 1 buckets: the k largest probabilities (the teacher's stored top-k, the
+    student's own top-k of its full vocabulary) and the rest of the mass as one bucket. The
+    paper sums over the whole vocabulary; past rank k the store has only the teacher's tail
+    mass, and |tail_t − tail_s| is the largest lower bound of those ranks' Σ|p_t − p_s| that
+    the masses alone give (triangle inequality). With it both vectors sum to 1, so the loss is
+    0 exactly when the top-k and the tail agree, and at most 2.
+
+    student_logits [B, T, V]; top_logp [B, T, k] and tail_logp [B, T] the teacher's stored
+    log-probabilities at τ = 1, each position already paired with the student position that
+    has read the same text (kava.batching.kd_pairs); mask [B, T] bool. The temperature acts on
+    the buckets as in kd_loss; as in the paper's own code, the loss is not rescaled by it.
+    A batch with no position gives 0."""
+    logits = student_logits[mask].float()
+    teacher = _teacher_buckets(top_logp[mask].sort(dim=-1, descending=True).values,
+                               tail_logp[mask])
+    student = with_tail(logits.log_softmax(dim=-1).topk(top_logp.shape[-1], dim=-1).values)
+    distance = _tempered(student, temperature).exp() - _tempered(teacher, temperature).exp()
+    return _mean(distance.abs().sum(dim=-1))
+
+
+def _teacher_buckets(top_logp, tail_logp):
+    """A stored top-k [N, k] and tail [N] as k + 1 float32 log-probability buckets."""
+    return torch.cat([top_logp.float(), tail_logp.float().unsqueeze(-1)], dim=-1)
+
+
+def _tempered(buckets, temperature):
+    # Each bucket tempers as one token: exact at τ = 1; the tail's own spread is not stored.
+    return buckets if temperature == 1.0 else (buckets / temperature).log_softmax(dim=-1)
+
+
+def kd_kind(requested, same_tokenizer, teacher):
+    """The KD loss (train.kd_loss) teacher `teacher`'s stored logits are distilled with: auto is
+    kl for a teacher with the student's tokenizer and uld otherwise. kl reads the student's
+    log-probability at each stored id, so it is refused for a teacher of another tokenizer,
+    whose ids index another vocabulary."""
+    if requested not in KD_KINDS:
+        raise KavaError(f"unknown kd loss {requested!r}; choose one of {', '.join(KD_KINDS)}")
+    if requested == "auto":
+        return "kl" if same_tokenizer else "uld"
+    if requested == "kl" and not same_tokenizer:
+        raise KavaError(f"train.kd_loss kl distils teacher {teacher}, whose tokenizer is not the "
+                        f"student's: its stored ids index another vocabulary; use kd_loss uld "
+                        f"(or auto) for it")
+    return requested

@@ -18,10 +18,10 @@ channel; pca: the coefficients on the teacher's basis (fit_basis: per layer and 
 principal components of a sample of train KV that keep `variance` of its variance), in fp8
 the same way.
 
-Logits (`logits`, for a teacher whose tokenizer is the student's, when some arm distils from
-it): per token the top-k next-token log-probabilities, their ids and the log of the rest of
-the mass (kava.kvstore), from a full forward with lm_head. Without them the forward stops at
-the last stored layer, as fast as KV alone allows.
+Logits (`logits`, for a teacher some arm distils from, whatever its tokenizer: training picks
+KL or ULD by it): per token the top-k next-token log-probabilities, their ids and the log of
+the rest of the mass (kava.kvstore), from a full forward with lm_head. Without them the forward
+stops at the last stored layer, as fast as KV alone allows.
 
 On a GPU, each batch's K/V are copied to pinned host memory on a side stream and written into
 the memory-mapped shard by a writer thread while the next batch runs.
@@ -42,7 +42,7 @@ from kava.environment import compute_dtype, job_device
 from kava.errors import KavaError
 from kava.io import write_json
 from kava.kvstore import (FORMAT, ID_DTYPES, KINDS, LOGIT_DTYPES, SCALED, STORAGE_DTYPES,
-                          ShardWriter, basis_ranks, build_manifest, logits_layout, logits_spec,
+                          ShardWriter, basis_ranks, build_manifest, logits_layout,
                           quantize_fp8, read_basis, sha256_file, shard_layout, write_basis)
 from kava.losses import with_tail
 from kava.models import load_model, load_tokenizer
@@ -59,20 +59,6 @@ def tokenizer_identity(tokenizer, model_dir):
     if definition.is_file():
         identity["tokenizer_json_sha256"] = sha256_file(definition)
     return identity
-
-
-def teacher_logits(model, tokenizer, student_dir, teacher, k, dtype):
-    """The logits_spec of a teacher whose logits an arm distils. Its tokenizer must be the
-    student's: the stored ids index the student's vocabulary and its tokens must be the
-    student's, position by position (cross-tokenizer logit KD is not supported)."""
-    from kava.evaluate import tokenizer_fingerprint
-
-    if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(load_tokenizer(student_dir)):
-        raise KavaError(f"teacher {teacher}: an arm asks logit KD from it (kd_weight > 0), but "
-                        f"its tokenizer is not the student's; cross-tokenizer KD is not "
-                        f"supported, so set that arm's teachers to ones with the student's "
-                        f"tokenizer")
-    return logits_spec(k, dtype, model.config.vocab_size)
 
 
 def tokenize(tokenizer, rows, max_length, on_too_long, teacher="teacher"):

@@ -46,15 +46,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
-from kava.batching import (collate, example_order, pad_id, shared_key_space, store_positions,
-                           student_example, teacher_inputs, time_alignment)
+from kava.batching import (collate, example_order, kd_pairs, pad_id, shared_key_space,
+                           store_positions, student_example, teacher_inputs, time_alignment)
 from kava.distill import (Distiller, build_projectors, build_teacher_mixture,
                           fit_ridge_projectors, gradient_agreement, teacher_kv_std)
 from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
+from kava.evaluate import tokenizer_fingerprint
 from kava.io import atomic_path, write_json
 from kava.kvstore import open_teacher_store
 from kava.layer_maps import resolve
+from kava.losses import kd_kind
 from kava.models import load_model as load_hf_model
 from kava.models import load_tokenizer
 from kava.projector import save_projectors
@@ -150,7 +152,9 @@ class TrainData:
     kv_lost: dict             # {teacher: fraction of student tokens no teacher token covers}
     partner: list = None      # kv_target shuffled: the example whose KV each example reads
     held_out: object = None   # diagnose_every: a batch of train rows kept out of training
-    # {KD teacher: positions KD distils per example}; {} in an arm without KD.
+    # {KD teacher: its KD loss kind} and {KD teacher: positions KD distils per example}; {} in
+    # an arm without KD.
+    kd_kinds: dict = field(default_factory=dict)
     kd_valid: dict = field(default_factory=dict)
 
     @property
@@ -274,25 +278,35 @@ def teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps):
     return layer_maps, reasons
 
 
-def kd_positions(cfg, data):
-    """{teacher: positions KD distils per example} for a KD arm (kd_weight > 0: each of its
-    teachers), {} otherwise. Stored logits are read position by position, so each teacher must
-    have stored them on exactly the student's tokens."""
+def kd_positions(cfg, data, teachers):
+    """({teacher: KD kind}, {teacher: positions KD distils per example}) for a KD arm (kd_weight
+    > 0: each of its teachers), ({}, {}) otherwise. The kind is train.kd_loss resolved by
+    whether the teacher's tokenizer is the student's (kava.losses.kd_kind); kl reads stored
+    logits position by position, so such a teacher must have stored exactly the student's
+    tokens."""
     if cfg["kd_weight"] <= 0:
-        return {}
-    counts = {}
-    for name, store in data.stores.items():
+        return {}, {}
+    student_tokenizer = tokenizer_fingerprint(data.tokenizer)
+    kinds, counts = {}, {}
+    for teacher in teachers:
+        name = teacher["card"]["name"]
+        store = data.stores[name]
         if not store.logits:
             raise KavaError(f"train.kd_weight {cfg['kd_weight']} distils the logits of teacher "
                             f"{name}, but its store ({store.path}) holds none (precompute.logits_k "
-                            f"0, or its tokenizer is not the student's)")
+                            f"0)")
+        same = tokenizer_fingerprint(load_tokenizer(teacher["card"]["dir"])) == student_tokenizer
+        kinds[name] = kd_kind(cfg["kd_loss"], same, name)
         counts[name] = []
         for s, i in zip(data.students, data.positions[name]):
-            if i is not None and not torch.equal(s["input_ids"], store.example(i)["input_ids"]):
+            stored = None if i is None else store.example(i)
+            if stored is not None and (stored["id"] != s["id"] or kinds[name] == "kl" and
+                                       not torch.equal(s["input_ids"], stored["input_ids"])):
                 raise KavaError(f"teacher {name}: stored tokens of example {s['id']} differ from "
                                 f"the student's, so its stored logits cannot be distilled")
-            counts[name].append(0 if i is None else len(s["input_ids"]) - 1)
-    return counts
+            counts[name].append(0 if stored is None
+                                else int(kd_pairs(s, stored, kinds[name])[1].sum()))
+    return kinds, counts
 
 
 def setup_model(cfg, data, student_card, student_dims, device):
@@ -408,7 +422,7 @@ def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, 
     teachers = arm_teachers(cfg, teachers)
     data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps,
                       device)
-    data.kd_valid = kd_positions(cfg, data)
+    data.kd_kinds, data.kd_valid = kd_positions(cfg, data, teachers)
     distiller = setup_model(cfg, data, student_card, student_dims, device)
     model = distribute(cfg, distiller, world, device)
     optimizer = setup_optimizer(cfg, distiller)
@@ -538,7 +552,7 @@ def step_batches(run, step):
     chunks = [mine[i:i + run.micro_batch] for i in range(0, len(mine), run.micro_batch)]
     micro_batches = [collate([data.students[i] for i in chunk],
                              teacher_inputs(data.stores, data.positions, chunk, data.used_layers),
-                             pad_id(data.tokenizer), data.alignment, data.kd_valid)
+                             pad_id(data.tokenizer), data.alignment, data.kd_kinds)
                      for chunk in chunks]
     return StepBatch(micro_batches, sum(data.ce_valid[i] for i in batch_ids),
                      {name: sum(data.kv_valid[name][i] for i in batch_ids)
@@ -752,6 +766,7 @@ def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, 
                             "projector_direction": distiller.projectors[name].direction,
                             "kv_std": distiller.teacher_std[k].tolist(),
                             "tokens_without_target": data.kv_lost[name],
+                            "kd_loss": data.kd_kinds.get(name),
                             "weights": distiller.teacher_mixture.weights()[:, k].tolist()}
                      for k, (name, t) in enumerate(zip(data.stores, run.teachers))},
         # The validation curve and the step whose weights are published (early stopping).

@@ -5,7 +5,8 @@ from kava.config import schema_enum
 from kava.data import read_split
 from kava.io import atomic_path, read_json, remove_stale_temps, write_json
 from kava.layer_maps import layers_to_store
-from kava.precompute import load_basis, load_teacher, precompute_shard, teacher_logits
+from kava.kvstore import logits_spec
+from kava.precompute import load_basis, load_teacher, precompute_shard
 
 
 def stored_layers(args, cfg, teacher):
@@ -33,9 +34,8 @@ def main(args):
         basis = load_basis(args.basis, identity=identity, layers=layers, key_space=cfg["key_space"],
                            kv_shape=read_json(args.teacher_dims)["layers"][layers[0]]["k_shape"])
     logits = None
-    if args.kd_student_card:
-        logits = teacher_logits(model, tokenizer, read_json(args.kd_student_card)["dir"],
-                                card["name"], cfg["logits_k"], cfg["logits_dtype"])
+    if args.logits:
+        logits = logits_spec(cfg["logits_k"], cfg["logits_dtype"], model.config.vocab_size)
     # A kill -9 skips atomic_path's cleanup; Snakemake never runs two jobs for one shard.
     remove_stale_temps(args.shard_out)
     with atomic_path(args.shard_out) as tmp:
@@ -61,8 +61,8 @@ if __name__ == "__main__":
     parser.add_argument("--on-too-long", choices=schema_enum("on_too_long"), required=True)
     add_layer_arguments(parser)
     parser.add_argument("--basis", help="the teacher's basis file (precompute.dtype: pca)")
-    parser.add_argument("--kd-student-card",
-                        help="the student's card, for a teacher whose logits an arm distils")
+    parser.add_argument("--logits", action="store_true",
+                        help="store the top-k logits too (a teacher whose logits an arm distils)")
     parser.add_argument("--shard-out", required=True)
     parser.add_argument("--info", required=True, help="the shard's JSON sidecar")
     run_stage(main, parser)

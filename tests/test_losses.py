@@ -7,7 +7,8 @@ import torch
 from kava import losses
 from kava.config import schema_defaults
 from kava.errors import KavaError
-from kava.losses import KV_LOSSES, TeacherMixture, kd_loss, masked_cosine, with_tail
+from kava.losses import (KV_LOSSES, TeacherMixture, kd_kind, kd_loss, masked_cosine,
+                         uld_loss, with_tail)
 
 # Mercator's alpha and beta as a run gets them: the schema's train defaults.
 TRAIN = schema_defaults("train")
@@ -223,3 +224,54 @@ def test_kd_loss_is_zero_at_the_teacher_and_its_gradient_finite():
     empty = kd_loss(student, top.indices, buckets[..., :-1], buckets[..., -1],
                     torch.zeros(2, 3, dtype=torch.bool))
     assert empty.item() == 0.0
+
+
+# ---- ULD across tokenizers -------------------------------------------------------------------
+
+def test_uld_loss_is_the_hand_computed_l1_between_sorted_top_k_and_tail():
+    # Student vocabulary 4, probabilities [0.1, 0.2, 0.3, 0.4]: sorted top-2 0.4, 0.3, tail 0.3.
+    student_logits = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [9.0, 0.0, 0.0, 0.0]]]).log()
+    # Teacher top-2 stored in the wrong order on purpose (0.1 then 0.7): ULD sorts it; tail 0.2.
+    top_logp = torch.tensor([[[0.1, 0.7], [0.5, 0.5]]]).log()
+    tail_logp = torch.tensor([[0.2, 0.0]]).log()
+    mask = torch.tensor([[True, False]])  # the second position (garbage) is masked out
+    # Sorted: teacher (0.7, 0.1 | 0.2), student (0.4, 0.3 | 0.3).
+    expected = abs(0.7 - 0.4) + abs(0.1 - 0.3) + abs(0.2 - 0.3)
+    assert uld_loss(student_logits, top_logp, tail_logp, mask).item() == pytest.approx(
+        expected, rel=1e-5)
+    # τ = 2: each side's buckets become p^(1/2), renormalised; no τ² factor.
+    def temper(p):
+        return [x ** 0.5 / sum(y ** 0.5 for y in p) for x in p]
+
+    expected_t = sum(abs(t - s) for t, s in zip(temper([0.7, 0.1, 0.2]), temper([0.4, 0.3, 0.3])))
+    assert uld_loss(student_logits, top_logp, tail_logp, mask, temperature=2.0).item() == \
+        pytest.approx(expected_t, rel=1e-5)
+
+
+def test_uld_loss_ignores_token_identity_and_is_zero_for_the_same_shape():
+    logits = torch.randn(2, 3, 50)
+    top = logits.log_softmax(-1).topk(8, dim=-1)
+    buckets = with_tail(top.values)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # A student that puts the same probabilities on other tokens (a permuted vocabulary).
+    student = logits[..., torch.randperm(50)].clone().requires_grad_()
+    loss = uld_loss(student, buckets[..., :-1], buckets[..., -1], mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    (loss + uld_loss(student * 2, buckets[..., :-1], buckets[..., -1], mask)).backward()
+    assert torch.isfinite(student.grad).all() and student.grad[0, 2].abs().sum() == 0
+    assert student.grad.abs().sum() > 0
+    assert uld_loss(student, buckets[..., :-1], buckets[..., -1],
+                    torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_kd_kind_auto_is_kl_for_the_students_tokenizer_and_uld_otherwise():
+    assert kd_kind("auto", True, "t") == "kl"
+    assert kd_kind("auto", False, "t") == "uld"
+    assert kd_kind("uld", True, "t") == kd_kind("uld", False, "t") == "uld"
+    assert kd_kind("kl", True, "t") == "kl"
+    with pytest.raises(KavaError, match=r"^train.kd_loss kl distils teacher gemma, whose "
+                                        r"tokenizer is not the student's: its stored ids index "
+                                        r"another vocabulary; use kd_loss uld \(or auto\) for it$"):
+        kd_kind("kl", False, "gemma")
+    with pytest.raises(KavaError, match="unknown kd loss 'js'"):
+        kd_kind("js", True, "t")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import PROJECT
-from kava.batching import (IGNORE_INDEX, collate, example_order, student_example,
+from kava.batching import (IGNORE_INDEX, collate, example_order, kd_pairs, student_example,
                            teacher_inputs, time_alignment)
 from kava.capture import forward_kv, student_forward
 from kava.config import arm_configs, schema_defaults
@@ -834,14 +834,18 @@ def test_a_tracker_whose_package_is_missing_is_named_before_setup(world, tmp_pat
 
 # ---- logit KD and validation-selected steps ---------------------------------------------------
 
+def with_logits(teacher, rows, folder):
+    """`teacher` with a store of `rows` that holds its top-4 logits too."""
+    vocab = load_model(teacher["card"]).config.vocab_size
+    manifest = build_store(teacher["card"], rows, folder, max_length=MAX_LENGTH,
+                           logits=logits_spec(4, "fp32", vocab))
+    return {**teacher, "manifest": manifest}
+
+
 @pytest.fixture(scope="module")
 def logits_teacher(world, tmp_path_factory):
     """The same-tokenizer teacher with its top-4 logits stored too."""
-    llama = world["teachers"][0]
-    vocab = load_model(llama["card"]).config.vocab_size
-    manifest = build_store(llama["card"], world["rows"], tmp_path_factory.mktemp("logits"),
-                           max_length=MAX_LENGTH, logits=logits_spec(4, "fp32", vocab))
-    return {**llama, "manifest": manifest}
+    return with_logits(world["teachers"][0], world["rows"], tmp_path_factory.mktemp("logits"))
 
 
 def test_kd_arm_trains_on_stored_logits_and_logs_kd(world, logits_teacher, tmp_path):
@@ -866,6 +870,63 @@ def test_kd_on_tokens_other_than_the_students_is_refused(world, logits_teacher, 
     cfg = train_config(steps=1, kd_weight=1.0, kv_target="shuffled")
     with pytest.raises(KavaError, match="stored tokens of example .* differ from the student's"):
         run(world, tmp_path, cfg, teachers=[logits_teacher])
+
+
+def test_uld_pairs_each_student_token_with_the_teacher_token_ending_on_the_same_character():
+    # "abcd": the student's tokens are bytes; the teacher has a BOS covering nothing, then "ab".
+    student = {"input_ids": torch.arange(4), "char_spans": torch.tensor([[0, 1], [1, 2], [2, 3],
+                                                                         [3, 4]])}
+    teacher = {"input_ids": torch.arange(4), "char_spans": torch.tensor([[0, 0], [0, 2], [2, 3],
+                                                                         [3, 4]])}
+    index, mask = kd_pairs(student, teacher, "uld")
+    # "a": no teacher token has read exactly it; "ab" and "abc" pair; "abcd" is the last token.
+    assert mask.tolist() == [False, True, True, False]
+    assert index[mask].tolist() == [1, 2]
+    # A teacher token ending inside the student token but before its end is not its pair.
+    wide = {"input_ids": torch.arange(2), "char_spans": torch.tensor([[0, 3], [3, 4]])}
+    split = {"input_ids": torch.arange(2), "char_spans": torch.tensor([[0, 2], [2, 4]])}
+    assert kd_pairs(wide, split, "uld")[1].tolist() == [False, False]
+    assert kd_pairs(student, student, "kl")[1].tolist() == [True, True, True, False]
+
+
+@pytest.fixture(scope="module")
+def uld_teacher(world, tmp_path_factory):
+    """The teacher with another tokenizer (gemma3 with its own BPE) with its top-4 logits."""
+    return with_logits(world["teachers"][1], world["rows"], tmp_path_factory.mktemp("uld"))
+
+
+def test_kd_from_a_teacher_with_another_tokenizer_trains_with_uld(world, uld_teacher, tmp_path):
+    cfg = train_config(steps=6, effective_batch=4, micro_batch=2, lr=3e-3, warmup_ratio=0.0,
+                       kv_weight=0.0, ce_weight=0.0, kd_weight=1.0)
+    out = run(world, tmp_path, cfg, arm="kd", teachers=[uld_teacher])
+    kd = [line["kd"] for line in metrics(out["metrics"])]
+    assert all(math.isfinite(v) and 0 < v <= 2 for v in kd)  # an L1 between distributions
+    assert kd[-1] < kd[0]
+    summary = json.loads(out["summary"].read_text())
+    assert summary["teachers"][uld_teacher["card"]["name"]]["kd_loss"] == "uld"  # auto
+    # Distilled: every student token but the last that ends where some teacher token (not the
+    # zero-width BOS) ends.
+    trained = setup(cfg, seed=0, student_card=world["student"], student_dims=world["student_dims"],
+                    teachers=[uld_teacher], rows=world["rows"], max_length=MAX_LENGTH,
+                    env=world["env"], device=torch.device("cpu"))
+    store = KVStore(uld_teacher["manifest"])
+    expected = []
+    for i, student in enumerate(trained.data.students):
+        spans = store.example(store.index_of(student["id"]))["char_spans"].tolist()
+        teacher_ends = {end for start, end in spans if end > start}
+        expected.append(sum(end in teacher_ends for _, end in student["char_spans"][:-1].tolist()))
+    assert trained.data.kd_valid[uld_teacher["card"]["name"]] == expected
+    assert 0 < sum(expected) < sum(len(s["input_ids"]) - 1 for s in trained.data.students)
+
+
+def test_kl_kd_from_a_teacher_with_another_tokenizer_is_refused(world, uld_teacher, tmp_path):
+    cfg = train_config(steps=1, kd_weight=1.0, kd_loss="kl")
+    with pytest.raises(KavaError) as refused:
+        run(world, tmp_path, cfg, teachers=[uld_teacher])
+    assert str(refused.value) == (
+        f"train.kd_loss kl distils teacher {uld_teacher['card']['name']}, whose tokenizer is not "
+        f"the student's: its stored ids index another vocabulary; use kd_loss uld (or auto) for "
+        f"it")
 
 
 def test_early_stopping_publishes_the_lowest_validation_step(world, tmp_path):

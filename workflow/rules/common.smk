@@ -120,16 +120,15 @@ MAPPED = config["precompute"]["layers"] == "mapped"
 
 def student_card(wildcards):
     """The student (its depth, and the teacher layers a pruned one keeps) matters only to
-    precompute.layers: mapped, and (its tokenizer) to a teacher whose logits an arm distils;
-    depending on it otherwise would redo every teacher's KV whenever the student changes."""
-    return [card(config["student"])] if MAPPED or wildcards.teacher in KD_TEACHERS else []
+    precompute.layers: mapped; depending on it otherwise would redo every teacher's KV whenever
+    the student changes. (Stored logits are the teacher's own: training decides how to distil
+    them, by whether the tokenizers match.)"""
+    return [card(config["student"])] if MAPPED else []
 
 
-def logits_arguments(wildcards, input):
-    """--kd-student-card for a teacher whose logits an arm distils: only then are they stored."""
-    if wildcards.teacher not in KD_TEACHERS:
-        return ""
-    return path_arg("--kd-student-card", input.student_card)
+def logits_arguments(wildcards):
+    """--logits for a teacher whose logits an arm distils: only then are they stored."""
+    return "--logits" if wildcards.teacher in KD_TEACHERS else ""
 
 
 def layer_arguments(wildcards, input):
