@@ -133,12 +133,21 @@ def check_kv_exclude_layers(config, arms):
                             f"student {config['student']} has {depth} layers (0-{depth - 1})")
 
 
+def check_validation_weighting(config, arms):
+    """teacher_weighting validation sets the teacher weights on the validation rows: an arm
+    asking for it in a run without any would otherwise fail at its first train step."""
+    for arm, train in arms.items():
+        if train["teacher_weighting"] == "validation" and not config["data"]["validation_size"]:
+            raise KavaError(f"config arms.{arm}: teacher_weighting validation weighs the teachers "
+                            f"on the validation rows, but data.validation_size is 0")
+
+
 def cross_checked(config):
     """Every check across config keys, made at once when the workflow is parsed (before any job):
     {"models": used_models, "arms": arm_configs, "eval_teachers": evaluated_teachers}."""
     arms = arm_configs(config)
     check_contrasts(config, arms)
-    models = used_models(config)
     check_kv_exclude_layers(config, arms)
-    return {"models": models, "arms": arms,
+    check_validation_weighting(config, arms)
+    return {"models": used_models(config), "arms": arms,
             "eval_teachers": evaluated_teachers(config)}

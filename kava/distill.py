@@ -23,6 +23,10 @@ KV cosine means the same for every arm.
 KD_t compares the student's logits with teacher t's stored top-k logits, over every real token
 but the last: kava.losses.kd_loss (KL) for a teacher with the student's tokenizer, uld_loss (ULD)
 at the tokens whose text ends where a teacher token's does otherwise (train.kd_loss).
+
+Under teacher_weighting validation, w_t is one weight per teacher that validation_weighting
+sets every few steps from gradient alignment with the validation rows, and it weighs the KD
+terms too (kd_weight·Σ_t w_t·KD_t): a teacher at 0 contributes nothing.
 """
 
 import math
@@ -127,10 +131,9 @@ class Distiller(nn.Module):
                  "tokens": batch.attention_mask.sum().to(kv_matrix.dtype)}
         return loss, stats
 
-    def kd_term(self, logits, batch, kd_items):
-        """Mean over the KD teachers of this micro-batch's share of each one's step KD (0
-        without any)."""
-        terms, temperature = [], self.loss_cfg["kd_temperature"]
+    def kd_terms(self, logits, batch, kd_items):
+        """{KD teacher: this micro-batch's share of its step KD}, each by its teacher's kind."""
+        terms, temperature = {}, self.loss_cfg["kd_temperature"]
         for name, items in kd_items.items():
             targets, stored = batch.teachers[name], batch.teachers[name].logits
             share = targets.kd_mask.sum() / max(int(items), 1)
@@ -140,8 +143,20 @@ class Distiller(nn.Module):
             else:
                 term = kd_loss(logits, stored["top_ids"], stored["top_logp"], stored["tail_logp"],
                                targets.kd_mask, temperature)
-            terms.append(share * term)
-        return torch.stack(terms).mean() if terms else torch.zeros((), device=logits.device)
+            terms[name] = share * term
+        return terms
+
+    def kd_term(self, logits, batch, kd_items):
+        """The KD teachers' terms of this micro-batch combined (0 without any): their mean, or
+        under teacher_weighting validation their sum weighted by each teacher's weight, so a
+        teacher switched off distils neither its KV nor its logits."""
+        terms = self.kd_terms(logits, batch, kd_items)
+        if not terms:
+            return torch.zeros((), device=logits.device)
+        if self.teacher_mixture.mode == "validation":
+            weights = self.teacher_mixture.weights()[0]
+            return sum(weights[self.teachers.index(name)] * term for name, term in terms.items())
+        return torch.stack(list(terms.values())).mean()
 
     def objective(self, ce, kv_matrix, l2, kd=0.0):
         """The logged loss of a step from its summed statistics: what the student minimises."""
@@ -258,19 +273,10 @@ def build_teacher_mixture(n_layers, teachers, mode, weights):
     return TeacherMixture(n_layers, len(teachers), mode, weights)
 
 
-def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
-    """{term: cosine} between the student's gradient of each loss term on `batch` ("ce", and
-    "kv/<teacher>" for every teacher, whether or not the arm trains on it) and the gradient of
-    the answer CE on `held_out` examples that training never sees. A term whose gradient points
-    along the held-out CE gradient (cosine > 0) helps generalisation at this point; one near 0
-    or below does not. Gradients only: nothing is accumulated into .grad, no state changes."""
-    params = [p for p in distiller.student.parameters() if p.requires_grad]
-
-    def flat_grad(loss):
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
-                          for p, g in zip(params, grads)])
-
+def loss_terms(distiller, batch, ce_items, kv_items, kd_items=None):
+    """{term: loss with autograd} of one micro-batch, each its share of the step's term and not
+    yet weighted: "ce", "kv/<teacher>" for every teacher (whether or not the arm trains on it)
+    and "kd/<teacher>" for each KD teacher in `kd_items`."""
     outputs, student_kv = student_forward(distiller.student, batch, distiller.key_space, ce_items)
     terms = {"ce": outputs.loss}
     for t, name in enumerate(distiller.teachers):
@@ -280,11 +286,81 @@ def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_
         losses, _ = layer_scores(pred, target, targets.mask, distiller.loss_cfg,
                                  distiller.teacher_std[t])
         terms[f"kv/{name}"] = losses[distiller.kv_layers].mean() * share
-    reference = flat_grad(student_forward(distiller.student, held_out, distiller.key_space,
-                                          held_out_ce_items)[0].loss)
-    agreement = {}
-    for term, loss in terms.items():
-        grad = flat_grad(loss)
-        agreement[term] = float(grad @ reference
-                                / (grad.norm() * reference.norm()).clamp_min(1e-30))
-    return agreement
+    for name, term in distiller.kd_terms(outputs.logits, batch, kd_items or {}).items():
+        terms[f"kd/{name}"] = term
+    return terms
+
+
+def student_gradients(distiller, batches, terms_of):
+    """{name: gradient w.r.t. the student's trainable parameters, flattened and summed over
+    `batches`} of each loss terms_of(batch) returns ({name: loss}). Gradients only: nothing is
+    accumulated into .grad, no state changes."""
+    params = [p for p in distiller.student.parameters() if p.requires_grad]
+    total = {}
+    for batch in batches:
+        for name, loss in terms_of(batch).items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                              for p, g in zip(params, grads)])
+            total[name] = flat if name not in total else total[name] + flat
+    return total
+
+
+def answer_ce_gradient(distiller, batches, ce_items):
+    """The student's gradient (flattened) of the mean answer CE over `batches`, whose answer
+    tokens number `ce_items` in all."""
+    return student_gradients(distiller, batches, lambda batch: {"ce": student_forward(
+        distiller.student, batch, distiller.key_space, ce_items)[0].loss})["ce"]
+
+
+def gradient_cosine(gradient, reference):
+    """Cosine between two flattened gradients (0 when either is zero)."""
+    return float(gradient @ reference / (gradient.norm() * reference.norm()).clamp_min(1e-30))
+
+
+def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_ce_items):
+    """{term: cosine} between the student's gradient of each loss term on `batch` ("ce", and
+    "kv/<teacher>" for every teacher, whether or not the arm trains on it) and the gradient of
+    the answer CE on `held_out` examples that training never sees. A term whose gradient points
+    along the held-out CE gradient (cosine > 0) helps generalisation at this point; one near 0
+    or below does not. Gradients only: nothing is accumulated into .grad, no state changes."""
+    reference = answer_ce_gradient(distiller, [held_out], held_out_ce_items)
+    gradients = student_gradients(distiller, [batch], lambda b: loss_terms(distiller, b,
+                                                                          ce_items, kv_items))
+    return {term: gradient_cosine(grad, reference) for term, grad in gradients.items()}
+
+
+def validation_weights(gradients, reference):
+    """(weights, cosines), two `[n_teachers]` tensors, from each teacher's loss gradient and
+    the validation answer-CE gradient: weight ∝ max(0, cosine), normalised to sum to 1, as fixed
+    weights are, so kv_weight means what it means for them, and a run whose other teachers are
+    switched off trains exactly as the one teacher alone would. A teacher whose term points away
+    from the validation gradient gets 0 until it aligns again; when none points along it, all
+    get 0 and the arm trains on CE alone until one does."""
+    cosines = torch.tensor([gradient_cosine(grad, reference) for grad in gradients])
+    positive = cosines.clamp_min(0)
+    total = positive.sum()
+    return (positive / total if total > 0 else positive), cosines
+
+
+def validation_weighting(distiller, batches, ce_items, kv_items, kd_items, validation_batches,
+                         validation_ce_items):
+    """teacher_weighting validation (after the gradient-alignment selection of auxiliary tasks,
+    Du et al. 2018, arXiv 1812.02224, with validation rows as the main task): set each
+    teacher's weight from how its loss term on the step's micro-batches `batches` (kv_weight·KV
+    + kd_weight·KD, the part its weight scales) aligns with the answer CE on the validation
+    rows. Returns {teacher: {"cosine", "weight"}}."""
+    cfg = distiller.loss_cfg
+
+    def teacher_terms(batch):
+        terms = loss_terms(distiller, batch, ce_items, kv_items, kd_items)
+        return {name: cfg["kv_weight"] * terms[f"kv/{name}"]
+                + cfg["kd_weight"] * terms.get(f"kd/{name}", 0.0) for name in distiller.teachers}
+
+    reference = answer_ce_gradient(distiller, validation_batches, validation_ce_items)
+    gradients = student_gradients(distiller, batches, teacher_terms)
+    weights, cosines = validation_weights([gradients[name] for name in distiller.teachers],
+                                          reference)
+    distiller.teacher_mixture.set_weights(weights)
+    return {name: {"cosine": float(c), "weight": float(w)}
+            for name, c, w in zip(distiller.teachers, cosines, weights)}

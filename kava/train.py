@@ -11,6 +11,8 @@ bottom: setup, fit (the loop below), build_summary, publish.
                 loss = Distiller(micro_batch)  # CE + KV + KD, weighted by tokens of the step
                 backward                       # DDP averages gradients at the last micro-batch
             clip, AdamW step, LR step
+        teacher_weighting validation, at step 1 and every teacher_weighting_every steps: each
+            teacher's weight from its gradient's alignment with the validation answer CE
         every eval_every steps and at the last: validation answer NLL, keep the best step's weights
         log one metrics line (metrics file and train_job.tracker); every checkpoint_every steps
         (and on SIGTERM/SIGUSR1/SIGINT) save a checkpoint
@@ -49,7 +51,8 @@ from tqdm import tqdm
 from kava.batching import (collate, example_order, kd_pairs, pad_id, shared_key_space,
                            store_positions, student_example, teacher_inputs, time_alignment)
 from kava.distill import (Distiller, build_projectors, build_teacher_mixture,
-                          fit_ridge_projectors, gradient_agreement, teacher_kv_std)
+                          fit_ridge_projectors, gradient_agreement, teacher_kv_std,
+                          validation_weighting)
 from kava.environment import DTYPES, job_device
 from kava.errors import KavaError
 from kava.evaluate import tokenizer_fingerprint
@@ -62,7 +65,7 @@ from kava.models import load_tokenizer
 from kava.projector import save_projectors
 from kava.targets import self_targets, token_mean_targets
 from kava.tracking import Tracker
-from kava.validation import BestStep, validation_nll
+from kava.validation import BestStep, validation_batches, validation_nll
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 BEST_WEIGHTS = "best.safetensors"  # a checkpoint's copy of the best validation step's weights
@@ -156,6 +159,8 @@ class TrainData:
     # an arm without KD.
     kd_kinds: dict = field(default_factory=dict)
     kd_valid: dict = field(default_factory=dict)
+    # teacher_weighting validation: (validation-row batches, their answer tokens); else None.
+    validation: tuple = None
 
     @property
     def used_layers(self):
@@ -405,6 +410,8 @@ class TrainRun:
     world: int
     validation_rows: list     # data.validation_size rows ({id, prompt, answer}); [] for none
     best: BestStep            # the validation curve and the weights of its best step
+    # teacher_weighting validation: [{"step", "teachers": {name: {"cosine", "weight"}}}]
+    teacher_weighting: list = field(default_factory=list)
 
 
 def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, env, device,
@@ -423,6 +430,8 @@ def setup(cfg, *, seed, student_card, student_dims, teachers, rows, max_length, 
     data = setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length, cka_maps,
                       device)
     data.kd_kinds, data.kd_valid = kd_positions(cfg, data, teachers)
+    if cfg["teacher_weighting"] == "validation":
+        data.validation = validation_batches(data.tokenizer, validation_rows, max_length, micro)
     distiller = setup_model(cfg, data, student_card, student_dims, device)
     model = distribute(cfg, distiller, world, device)
     optimizer = setup_optimizer(cfg, distiller)
@@ -459,6 +468,7 @@ def save_checkpoint(checkpoint_dir, step, run, identity, elapsed, metrics_path):
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
             "validation": run.best.summary(),
+            "teacher_weighting": run.teacher_weighting,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }, tmp / "state.pt")
@@ -500,6 +510,7 @@ def resume(checkpoint_dir, identity, run, metrics_path, log):
     run.scaler.load_state_dict(state["scaler"])
     best = path / BEST_WEIGHTS
     run.best.restore(state["validation"], load_file(str(best)) if best.is_file() else None)
+    run.teacher_weighting[:] = state["teacher_weighting"]
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -697,6 +708,7 @@ def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
             agreement = {}
             if rank == 0 and cfg["diagnose_every"] and step % cfg["diagnose_every"] == 0:
                 agreement = diagnose(run.distiller, batch.micro_batches[0], run.data.held_out)
+            weigh_teachers(run, step, batch)
             try:
                 result, stopping = train_step(run, batch, stop)
             except NonFinite as err:
@@ -708,7 +720,7 @@ def fit(run, arm, job, identity, checkpoint_dir, tracker, log):
             if rank == 0:
                 line = _metrics_line(step, result, list(run.data.stores), now - step_start,
                                      elapsed_before + now - t0,
-                                     cfg["teacher_weighting"] == "learned",
+                                     cfg["teacher_weighting"] != "fixed",
                                      {**agreement, **validation})
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(line) + "\n")
@@ -742,6 +754,25 @@ def validate(run, step):
     return {"validation_nll": nll}
 
 
+def weigh_teachers(run, step, batch):
+    """teacher_weighting validation, at step 1 and every teacher_weighting_every steps after:
+    rank 0 sets the teacher weights from its micro-batches of this step against the validation
+    rows (kava.distill.validation_weighting) and records them in run.teacher_weighting; every
+    process then takes rank 0's weights."""
+    cfg = run.cfg
+    if cfg["teacher_weighting"] != "validation" or (step - 1) % cfg["teacher_weighting_every"]:
+        return
+    if run.rank == 0:
+        batches, ce_items = run.data.validation
+        readings = validation_weighting(
+            run.distiller, [micro.to(run.device) for micro in batch.micro_batches],
+            batch.ce_items, batch.kv_items, batch.kd_items,
+            [b.to(run.device) for b in batches], ce_items)
+        run.teacher_weighting.append({"step": step, "teachers": readings})
+    if run.world > 1:
+        dist.broadcast(run.distiller.teacher_mixture.logits, 0)
+
+
 def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, wall_s):
     """train.json: the run's settings, data, student and, per teacher, its store, layer map,
     projector, KV scale, uncovered tokens and weights."""
@@ -771,6 +802,7 @@ def build_summary(run, arm, job, identity, data_info, student_card, resumed_at, 
                      for k, (name, t) in enumerate(zip(data.stores, run.teachers))},
         # The validation curve and the step whose weights are published (early stopping).
         **(run.best.summary() if run.best.curve else {}),
+        **({"teacher_weighting": run.teacher_weighting} if run.teacher_weighting else {}),
         "wall_s": round(wall_s, 3),
     }
 

@@ -4,6 +4,9 @@ its own best point (early stopping) rather than wherever a fixed step count leav
 
 The score is the evaluate stage's answer NLL (kava.evaluate.answer_nll, fp32, prompt split at
 the word boundary), so a validation number means what a test number means.
+
+teacher_weighting validation takes the gradient of the training answer CE on the same rows
+(validation_batches), the reference each teacher's loss gradient is compared with.
 """
 
 import math
@@ -11,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from kava.batching import IGNORE_INDEX, collate, pad_id, student_example
 from kava.errors import KavaError
 from kava.evaluate import answer_nll, at_word_boundary
 
@@ -29,6 +33,21 @@ def validation_nll(model, tokenizer, rows, batch_size):
                                             batch_size)))
     finally:
         model.train(was_training)
+
+
+def validation_batches(tokenizer, rows, max_length, batch_size):
+    """(batches, answer tokens in all) of the validation rows as the student trains on rows:
+    its tokens and answer-CE labels (their text is prompt + answer, as kava.data prepares it),
+    `batch_size` rows a batch and no teacher."""
+    if not rows:
+        raise KavaError("teacher_weighting validation weighs the teachers on the validation "
+                        "rows, but there are none: data.validation_size is 0")
+    examples = [student_example(tokenizer, {**row, "text": row["prompt"] + row["answer"]},
+                                max_length) for row in rows]
+    # No teacher to align: the time alignment mode is never read.
+    batches = [collate(examples[i:i + batch_size], {}, pad_id(tokenizer), "auto")
+               for i in range(0, len(examples), batch_size)]
+    return batches, sum(int(e["labels"][1:].ne(IGNORE_INDEX).sum()) for e in examples)
 
 
 class BestStep:

@@ -31,6 +31,9 @@ them from the run's files):
      "tokens_without_target": {"<arm>": {"<teacher>": [fraction per seed]}},  # train.json
      "chosen_steps": {"<arm>": {<seed>: {"best_step", "validation_nll"}}},  # train.json, when
                                                    # weights were chosen on validation rows
+     "teacher_weighting": {"<arm>": {<seed>: {"steps": int, "updates": [{"step", "teachers":
+                           {"<teacher>": {"cosine", "weight"}}}]}}},  # train.json, under
+                                                   # teacher_weighting validation
      "evaluation": {...}}                          # the evaluation settings
 """
 

@@ -107,9 +107,11 @@ def _kv_storage(manifests):
 def _train_facts(infos):
     """From {arm: {seed: train.json}}: tokens_without_target {arm: {teacher: [fraction per
     seed]}}, and chosen_steps {arm: {seed: {"best_step", "validation_nll"}}} when a run chose its
-    weights on the validation rows (train.json's best_step; validation: [{"step", "nll"}])."""
+    weights on the validation rows (train.json's best_step; validation: [{"step", "nll"}]), and
+    teacher_weighting {arm: {seed: {"steps", "updates"}}} of runs whose teacher weights followed
+    the validation rows (train.json's teacher_weighting)."""
     facts = {"tokens_without_target": {arm: {} for arm in infos}}
-    chosen = {}
+    chosen, weighting = {}, {}
     for arm, runs in infos.items():
         for seed, info in seeded(runs).items():
             for teacher, teacher_info in info.get("teachers", {}).items():
@@ -120,8 +122,13 @@ def _train_facts(infos):
                          if isinstance(row, dict)}
                 chosen.setdefault(arm, {})[seed] = {"best_step": info["best_step"],
                                                     "validation_nll": curve.get(info["best_step"])}
+            if info.get("teacher_weighting"):
+                weighting.setdefault(arm, {})[seed] = {"steps": info["steps"],
+                                                       "updates": info["teacher_weighting"]}
     if chosen:
         facts["chosen_steps"] = chosen
+    if weighting:
+        facts["teacher_weighting"] = weighting
     return facts
 
 

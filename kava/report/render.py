@@ -119,6 +119,45 @@ def _chosen_steps_blocks(facts):
              "rows": rows}]
 
 
+def _teacher_weighting_rows(weighting):
+    """Per arm × seed × teacher: its mean weight over the steps (each update holds until the
+    next), final weight, share of steps switched off (weight 0), mean cosine over the updates,
+    and the trajectory (step: weight at each update)."""
+    rows = []
+    for arm, runs in weighting.items():
+        for seed, run in seeded(runs).items():
+            updates = run["updates"]
+            starts = [u["step"] for u in updates]
+            held = [end - start for start, end in zip(starts, [*starts[1:], run["steps"] + 1])]
+            for teacher in updates[0]["teachers"]:
+                readings = [u["teachers"][teacher] for u in updates]
+                weights = [r["weight"] for r in readings]
+                off = sum(n for n, w in zip(held, weights) if w == 0) / sum(held)
+                rows.append([arm, seed, teacher,
+                             f"{np.dot(held, weights) / sum(held):.3f}", f"{weights[-1]:.3f}",
+                             f"{off:.0%}", f"{np.mean([r['cosine'] for r in readings]):+.3f}",
+                             ", ".join(f"{step}: {w:.2f}" for step, w in zip(starts, weights))])
+    return rows
+
+
+def _teacher_weighting_blocks(facts):
+    """The teacher weights of runs that set them on the validation rows, if any did."""
+    weighting = facts.get("teacher_weighting") or {}
+    if not weighting:
+        return []
+    return [{"kind": "heading", "text": "Teacher weights set on the validation rows"},
+            {"kind": "text", "text": (
+                "train.teacher_weighting validation: every teacher_weighting_every steps each "
+                "teacher's weight was set ∝ max(0, cosine) between its loss gradient on the "
+                "step's batch and the answer-CE gradient on the validation rows, normalised to "
+                "sum to 1. A teacher at 0 was switched off until its cosine turned positive; "
+                "when no cosine was positive the run trained on CE alone.")},
+            {"kind": "table", "header": ["arm", "seed", "teacher", "mean weight", "final weight",
+                                         "steps switched off", "mean cosine",
+                                         "step: weight"],
+             "rows": _teacher_weighting_rows(weighting)}]
+
+
 def _summary_section(summary, facts, metrics):
     header = ["model", "seeds", "examples", "accuracy (%)", "accuracy 95 % CI", "NLL (nats/token)",
               "held-out KV R²", "raw KV cosine"]
@@ -157,7 +196,8 @@ def _summary_section(summary, facts, metrics):
             blocks.append({"kind": "table", "header": ["model", *teachers],
                            "rows": [[label, *(_pm(scores.get(t), "{:.3f}") for t in teachers)]
                                     for label, scores in per_teacher.items()]})
-    return {"title": "Summary", "blocks": blocks + _chosen_steps_blocks(facts)}
+    return {"title": "Summary",
+            "blocks": blocks + _chosen_steps_blocks(facts) + _teacher_weighting_blocks(facts)}
 
 
 def _ab_row(arm, reference, entry):
