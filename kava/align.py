@@ -54,6 +54,23 @@ def causal_span_alignment(student_spans, teacher_spans):
     return weights, valid
 
 
+def shared_spans(spans, segments):
+    """Token character spans (`[T, 2]`) over one rendering of a row, moved onto another text
+    that holds the same segments: `segments` lists (start here, start there, length). The part
+    of a token inside a segment moves with it (a token over two segments keeps its larger part);
+    a token inside none, text only this rendering has, gets the empty span (0, 0), so it
+    overlaps nothing and the span alignments leave it out."""
+    spans = torch.as_tensor(spans, dtype=torch.long).reshape(-1, 2)
+    segments = torch.as_tensor(segments, dtype=torch.long).reshape(-1, 3)
+    start = torch.maximum(spans[:, None, 0], segments[None, :, 0])
+    end = torch.minimum(spans[:, None, 1], segments[None, :, 0] + segments[None, :, 2])
+    inside, best = (end - start).clamp_min(0).max(dim=1)
+    rows = torch.arange(len(spans))
+    shift = segments[best, 1] - segments[best, 0]
+    moved = torch.stack([start[rows, best] + shift, end[rows, best] + shift], dim=1)
+    return torch.where((inside > 0)[:, None], moved, torch.zeros_like(moved))
+
+
 def position_alignment(n_student, n_teacher):
     """Token i reads token i, on the positions both have: the alignment of a control arm whose
     teacher KV comes from another example, so it keeps the statistics of each position while

@@ -3,12 +3,14 @@ aligned to the student's tokens.
 
 One example, student side (`student_example`):
 
-    text = prompt + answer              # the exact string every model tokenised
+    text = prompt + answer              # as the student reads it (kava.prompts)
     input_ids, char_spans               # the student's own tokenizer, with character offsets
-    labels = input_ids where the token holds answer characters, else -100
+    labels = input_ids where the token ends past the prompt, else -100
 
 A token that straddles the boundary (GSM8K's prompt ends in "Answer: " and BPE tokenizers
-glue that space to the first answer word) holds answer characters, so it is labelled.
+glue that space to the first answer word) holds answer characters, so it is labelled. Under
+data.prompt_format chat the tokens after the answer (the template's end of turn) are labelled
+too: the student learns to close its turn.
 
 Teacher side (`align_teacher`): the teacher's stored tokens are mapped onto the student's by
 `kava.align`: the identity when the stored input_ids equal the student's (same tokenizer),
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kava.align import (boundary_alignment, causal_span_alignment, interpolate_alignment,
-                        position_alignment, span_alignment)
+                        position_alignment, shared_spans, span_alignment)
 from kava.config import schema_enum
 from kava.errors import KavaError
 from kava.kvstore import LOGIT_TENSORS
@@ -35,8 +37,9 @@ TIME_ALIGNMENTS = (*schema_enum("time_alignment"), "position", "boundary")
 
 
 def student_example(tokenizer, row, max_length):
-    """Tokenise one data row (`id`, `prompt`, `text`) for the student: ids, character spans
-    over `text`, and labels on the answer tokens. Truncated to max_length tokens."""
+    """Tokenise one data row (`id`, `prompt`, `text`, and `segments` if kava.prompts rendered
+    it in another format than plain) for the student: ids, character spans on the row's plain
+    text (kava.prompts), and labels on the answer tokens. Truncated to max_length tokens."""
     if not row["text"].startswith(row["prompt"]):
         raise KavaError(f"row {row['id']}: text does not start with its prompt")
     try:
@@ -49,6 +52,8 @@ def student_example(tokenizer, row, max_length):
     spans = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
     answer = (spans[:, 1] > len(row["prompt"])) & (spans[:, 1] > spans[:, 0])
     labels = torch.where(answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    if row.get("segments"):
+        spans = shared_spans(spans, row["segments"])
     return {"id": row["id"], "input_ids": input_ids, "char_spans": spans, "labels": labels}
 
 

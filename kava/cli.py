@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from kava.config import schema_defaults, schema_enum
 from kava.errors import KavaError
 
 
@@ -22,6 +23,16 @@ def add_model_arguments(parser):
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--card", help="a model card (the untrained student, a teacher)")
     model.add_argument("--model-dir", help="a trained student's HF folder")
+
+
+def add_prompt_format_argument(parser):
+    """--prompt-format, data.prompt_format (kava.prompts): every stage that renders rows for a
+    model. Its default is the schema's."""
+    from kava.config import schema_defaults, schema_enum
+
+    parser.add_argument("--prompt-format", choices=schema_enum("prompt_format"),
+                        default=schema_defaults("data")["prompt_format"],
+                        help="data.prompt_format: plain, or each model's own chat template")
 
 
 def json_arg(text):

@@ -1,9 +1,12 @@
-"""The dataset: where it comes from, which rows are usable, and the one prompt template.
+"""The dataset: where it comes from and which rows are usable.
 
-Every row becomes `id, question, answer, final, prompt, text` with
+Every row becomes `id, question, answer, final, prompt, text`, with prompt and text the plain
+rendering (kava.prompts):
 
-    prompt = PROMPT_TEMPLATE.format(question=question)      # "Question: ...\\nAnswer: "
-    text   = prompt + answer                                # what teachers and student tokenise
+    prompt = "Question: ...\\nAnswer: "
+    text   = prompt + answer                # the text every model's character offsets count on
+
+Each model reads the row as data.prompt_format says (kava.prompts.render_rows).
 
 `answer` is the full worked answer (GSM8K format, ending in `#### N`) and `final` is N
 normalised (no `$`, no thousands commas). Ids are `<source>-<split>-<index>`, where index is
@@ -42,9 +45,9 @@ import pyarrow.parquet as pq
 from kava.answers import FINAL_LINE
 from kava.errors import KavaError
 from kava.io import atomic_path
+from kava.prompts import PROMPT_TEMPLATE, render
 from kava.synthetic import generate
 
-PROMPT_TEMPLATE = "Question: {question}\nAnswer: "
 SPLITS = ("train", "test")
 # The prepared tables: the source's splits plus the validation rows held out of its train split.
 PREPARED = ("train", "validation", "test")
@@ -263,9 +266,10 @@ def usable_rows(records, split, prefix, on_bad_row):
                                 f"(data.on_bad_row: skip counts and skips such rows)") from None
             skipped.setdefault(bad.reason, []).append(culprit)
             continue
-        prompt = PROMPT_TEMPLATE.format(question=question)
         rows.append({"id": f"{prefix}-{split}-{index:05d}", "question": question,
-                     "answer": answer, "final": final, "prompt": prompt, "text": prompt + answer})
+                     "answer": answer, "final": final,
+                     "prompt": render(None, question, None, "plain", None).text,
+                     "text": render(None, question, answer, "plain", None).text})
     return rows, skipped
 
 

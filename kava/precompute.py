@@ -1,7 +1,8 @@
 """Run a teacher once over a shard of the data and store its per-layer K and V.
 
-Tokenisation: the teacher's own (fast) tokenizer on `text`, with its default special tokens
-and character offsets. An example longer than `max_length` teacher tokens keeps its first
+Tokenisation: the teacher's own (fast) tokenizer on `text` as the teacher reads it
+(kava.prompts.render_rows), with its default special tokens and character offsets, stored on
+the row's plain text (moved there by the row's `segments` under data.prompt_format chat). An example longer than `max_length` teacher tokens keeps its first
 `max_length` tokens (`truncate`) or is left out (`skip`); both are counted per shard.
 
 Batching: a shard's examples are sorted by length (longest first, ties in row order) and
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kava.align import shared_spans
 from kava.capture import attention_shape, decoder_layers, forward_kv, forward_kv_logits
 from kava.data import rows_sha256
 from kava.environment import compute_dtype, job_device
@@ -62,7 +64,8 @@ def tokenizer_identity(tokenizer, model_dir):
 
 
 def tokenize(tokenizer, rows, max_length, on_too_long, teacher="teacher"):
-    """Kept examples as (row position, input_ids, char_spans) and the ids truncated / skipped."""
+    """Kept examples as (row position, input_ids, char_spans on the plain text) and the ids
+    truncated / skipped."""
     if not tokenizer.is_fast:
         raise KavaError(f"teacher {teacher}: tokenizer {type(tokenizer).__name__} is not a fast "
                         f"tokenizer, so it gives no character offsets")
@@ -76,6 +79,8 @@ def tokenize(tokenizer, rows, max_length, on_too_long, teacher="teacher"):
                 continue
             truncated.append(row["id"])
             ids, spans = ids[:max_length], spans[:max_length]
+        if row.get("segments"):
+            spans = shared_spans(spans, row["segments"]).tolist()
         kept.append((position, ids, spans))
     return kept, truncated, skipped
 

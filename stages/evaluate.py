@@ -15,7 +15,8 @@ import json
 
 import torch
 
-from kava.cli import add_model_arguments, json_arg, run_stage, stage_parser
+from kava.cli import (add_model_arguments, add_prompt_format_argument, json_arg, run_stage,
+                      stage_parser)
 from kava.data import read_split
 from kava.environment import compute_dtype, job_device
 from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_answers,
@@ -24,14 +25,16 @@ from kava.io import atomic_path, read_json, write_json
 from kava.layer_maps import probe_layer_maps
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import load_projectors
+from kava.prompts import render_rows
 
 
 def main(args):
     cfg = args.eval
-    rows = read_split(args.data, ("id", "question", "answer", "final", "prompt", "text"))
     card = read_json(args.card) if args.card else materialize(args.name, {"path": args.model_dir},
                                                               None)
     tokenizer = load_tokenizer(card["dir"])
+    rows = render_rows(read_split(args.data, ("id", "question", "answer", "final")), tokenizer,
+                       args.prompt_format, card["name"])
     dtype_name, dtype = compute_dtype(cfg["dtype"])
     device = job_device()
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
@@ -45,8 +48,9 @@ def main(args):
         alone = answer_nll(model, tokenizer, prompts[:checked], answers[:checked], 1)
         gaps = [abs(a - b) for a, b in zip(nlls, alone)]
         noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps), "examples": checked}
-        train_rows = read_split(args.train_data, ("id", "prompt", "text"), 0,
-                                cfg["probe_examples"])
+        train_rows = render_rows(read_split(args.train_data, ("id", "question", "answer"), 0,
+                                            cfg["probe_examples"]),
+                                 tokenizer, args.prompt_format, card["name"])
         train_info = read_json(args.train_info)
         probe_maps = probe_layer_maps(
             train_info, model.config.num_hidden_layers,
@@ -97,6 +101,7 @@ if __name__ == "__main__":
     parser.add_argument("--eval", type=json_arg, required=True, help="the eval section, JSON")
     parser.add_argument("--max-length", type=int, required=True,
                         help="data.max_length: the student's tokens per example, as in training")
+    add_prompt_format_argument(parser)
     parser.add_argument("--out", required=True, help="eval/<model>.json")
     parser.add_argument("--predictions", required=True, help="eval/<model>/predictions.jsonl")
     run_stage(main, parser)

@@ -1,12 +1,13 @@
 """Stage precompute: one teacher x split x shard → a KV shard on scratch + its JSON sidecar."""
 
-from kava.cli import json_arg, run_stage, stage_parser
+from kava.cli import add_prompt_format_argument, json_arg, run_stage, stage_parser
 from kava.config import schema_enum
 from kava.data import read_split
 from kava.io import atomic_path, read_json, remove_stale_temps, write_json
 from kava.layer_maps import layers_to_store
 from kava.kvstore import logits_spec
 from kava.precompute import load_basis, load_teacher, precompute_shard
+from kava.prompts import render_rows
 
 
 def stored_layers(args, cfg, teacher):
@@ -26,9 +27,11 @@ def add_layer_arguments(parser):
 def main(args):
     cfg, card = args.precompute, read_json(args.card)
     per_shard = cfg["examples_per_shard"]
-    rows = read_split(args.data, ("id", "text"), args.shard * per_shard, (args.shard + 1) * per_shard)
+    rows = read_split(args.data, ("id", "question", "answer"), args.shard * per_shard,
+                      (args.shard + 1) * per_shard)
     layers = stored_layers(args, cfg, card["name"])
     model, tokenizer, identity = load_teacher(card, cfg["compute_dtype"])
+    rows = render_rows(rows, tokenizer, args.prompt_format, card["name"])
     basis = None
     if cfg["dtype"] == "pca":
         basis = load_basis(args.basis, identity=identity, layers=layers, key_space=cfg["key_space"],
@@ -59,6 +62,7 @@ if __name__ == "__main__":
     parser.add_argument("--precompute", type=json_arg, required=True, help="precompute section")
     parser.add_argument("--max-length", type=int, required=True)
     parser.add_argument("--on-too-long", choices=schema_enum("on_too_long"), required=True)
+    add_prompt_format_argument(parser)
     add_layer_arguments(parser)
     parser.add_argument("--basis", help="the teacher's basis file (precompute.dtype: pca)")
     parser.add_argument("--logits", action="store_true",

@@ -10,9 +10,11 @@ import os
 import pyarrow.parquet as pq
 import torch
 
-from kava.cli import json_arg, run_stage, stage_parser
+from kava.cli import add_prompt_format_argument, json_arg, run_stage, stage_parser
 from kava.data import read_split
 from kava.io import read_json
+from kava.models import load_tokenizer
+from kava.prompts import render_rows
 from kava.train import train
 
 
@@ -23,9 +25,16 @@ def main(args):
     teachers = [{"card": read_json(card), "dims": read_json(dims), "manifest": manifest}
                 for card, dims, manifest in zip(args.teacher_cards, args.teacher_dims,
                                                 args.manifests, strict=True)]
+    student_card = read_json(args.student_card)
+    columns = ("id", "question", "answer")
+
+    def rendered(path):
+        return render_rows(read_split(path, columns), load_tokenizer(student_card["dir"]),
+                           args.prompt_format, student_card["name"])
+
     train(args.train, job=args.job, arm=args.arm, seed=args.seed,
-          student_card=read_json(args.student_card), student_dims=read_json(args.student_dims),
-          teachers=teachers, rows=read_split(args.data, ("id", "prompt", "text")),
+          student_card=student_card, student_dims=read_json(args.student_dims),
+          teachers=teachers, rows=rendered(args.data),
           data_info=read_json(args.data_info), env=read_json(args.env),
           max_length=args.max_length,
           outputs={"student": args.student_out, "projector": args.projector_out,
@@ -33,7 +42,7 @@ def main(args):
           checkpoint_dir=args.checkpoint_dir, tracker_dir=args.tracker_dir,
           cka_maps=read_json(args.cka_maps) if args.cka_maps else None,
           # data.validation_size 0 writes an empty table: no validation, the last step's weights.
-          validation_rows=(read_split(args.validation_data, ("id", "prompt", "answer"))
+          validation_rows=(rendered(args.validation_data)
                            if pq.read_metadata(args.validation_data).num_rows else []))
 
 
@@ -57,6 +66,7 @@ if __name__ == "__main__":
     parser.add_argument("--data-info", required=True, help="data/data.json")
     parser.add_argument("--env", required=True, help="env.json (precision, micro-batch)")
     parser.add_argument("--max-length", type=int, required=True)
+    add_prompt_format_argument(parser)
     parser.add_argument("--cka-maps", help="layer maps from the cka stage (layer_map: cka)")
     parser.add_argument("--checkpoint-dir", required=True, help="not an output: survives reruns")
     parser.add_argument("--tracker-dir", required=True,

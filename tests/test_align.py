@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kava.align import (causal_span_alignment, interpolate_alignment, position_alignment,
-                        span_alignment)
+                        shared_spans, span_alignment)
 from kava.errors import KavaError
 
 
@@ -128,3 +128,30 @@ def test_position_alignment_pairs_token_i_with_token_i():
     weights, valid = position_alignment(4, 2)
     assert weights.tolist() == [[1, 0], [0, 1], [0, 0], [0, 0]]
     assert valid.tolist() == [True, True, False, False]
+
+
+# ---- spans moved between renderings (data.prompt_format chat) ---------------------------------
+
+def test_shared_spans_move_segments_and_drop_the_rest():
+    # Rendered "<u>Q12<a>A3": question "Q12" at 3 → 0 and answer "A3" at 9 → 5 of "Q12: A3".
+    segments = [(3, 0, 3), (9, 5, 2)]
+    spans = [[0, 3],    # "<u>": template only
+             [2, 5],    # ">Q1": its question part moves
+             [5, 9],    # "2<a>": larger part "<a>" is template, but only "2" is shared
+             [8, 11],   # ">A3"
+             [11, 11]]  # zero-width
+    moved = shared_spans(spans, segments)
+    assert moved.tolist() == [[0, 0], [0, 2], [2, 3], [5, 7], [0, 0]]
+    # A token over both segments keeps the part in the segment it overlaps more.
+    assert shared_spans([[4, 10]], segments).tolist() == [[1, 3]]
+    assert shared_spans(torch.zeros(0, 2), segments).shape == (0, 2)
+
+
+def test_moved_spans_align_two_renderings_by_their_shared_characters():
+    # Two renderings of question "ab" and answer "cd": "[ab]<cd>" and "##ab##cd##".
+    student, teacher = [[1, 2], [2, 3], [3, 5], [5, 7]], [[0, 2], [2, 3], [3, 4], [6, 8]]
+    weights, valid = span_alignment(shared_spans(student, [(1, 0, 2), (5, 2, 2)]),
+                                    shared_spans(teacher, [(2, 0, 2), (6, 2, 2)]))
+    # "a" reads teacher "a", "b" reads "b", "]<" (template) nothing, "cd" reads "cd".
+    assert valid.tolist() == [True, True, False, True]
+    assert weights.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]

@@ -110,13 +110,18 @@ def test_study_config_plans_three_seeds_on_a_data_path(tmp_path):
     assert f"--env-data-path={tmp_path / 'gsm8k'}" in result.stdout
 
 
+# The smoke run also runs lm-evaluation-harness (issue 19's done-when); --config merges into the
+# smoke file's eval section. Every later call on its results passes the same config.
+SMOKE_CONFIG = ("--config", "eval={lm_eval: [gsm8k]}")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The whole smoke pipeline, run once for the tests below: {results, env}."""
     # --nolock: outputs go to a temporary folder, so this cannot collide with a user's run.
     env = {"KAVA_OUTPUT_PATH": str(tmp_path_factory.mktemp("out"))}
     first = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
-                      "--nolock", env=env)
+                      *SMOKE_CONFIG, "--nolock", env=env)
     assert first.returncode == 0, first.output[-3000:]
     return {"results": Path(env["KAVA_OUTPUT_PATH"]) / "smoke", "env": env}
 
@@ -197,10 +202,25 @@ def test_smoke_summary_and_predictions(smoke):
                                     "correct"} <= set(json.loads(lines[0]))
 
 
+def test_smoke_report_shows_the_harness_scores(smoke):
+    results = smoke["results"]
+    markdown = (results / "report.md").read_text()
+    section = markdown.split("## lm-evaluation-harness", 1)[1].split("\n## ", 1)[0]
+    for name in ("teacher-teacher_llama", "teacher-teacher_gemma", "ce-seed0", "kv-seed0"):
+        scores = json.loads((results / "eval" / "lm_eval" / f"{name}.json").read_text())
+        gsm8k = scores["tasks"]["gsm8k"]
+        assert gsm8k["n_examples"] == 6
+        strict, flexible = (100 * gsm8k[f"exact_match,{f}"] for f in ("strict-match",
+                                                                    "flexible-extract"))
+        assert f"| {name} | gsm8k | 6 | {strict:.1f} ± " in section, name
+        assert f"{flexible:.1f} ± " in section.split(f"| {name} |", 1)[1].split("\n", 1)[0]
+    assert not (results / "eval" / "lm_eval" / "init.json").exists()
+
+
 def test_snakemake_report_includes_the_marked_outputs(smoke, tmp_path):
     archive = tmp_path / "snakemake-report.zip"
     result = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
-                       "--nolock", "--report", str(archive), env=smoke["env"])
+                       *SMOKE_CONFIG, "--nolock", "--report", str(archive), env=smoke["env"])
     assert result.returncode == 0, result.output[-3000:]
     names = {Path(name).name for name in zipfile.ZipFile(archive).namelist()}
     assert {"report.html", "summary.json", "predictions.jsonl", "accuracy_nll.png",
@@ -214,7 +234,7 @@ def test_smoke_reruns_one_stage_alone(smoke):
     untouched = [results / "eval" / "kv-seed0.json", results / "dims" / "student.json"]
     stamps = [path.stat().st_mtime_ns for path in untouched]
     again = snakemake("--profile", "profiles/local", "--configfile", "config/smoke.yaml",
-                      "--nolock", "--forcerun", str(forced), env=env)
+                      *SMOKE_CONFIG, "--nolock", "--forcerun", str(forced), env=env)
     assert again.returncode == 0, again.output[-3000:]
     assert forced.stat().st_mtime_ns > before
     assert [path.stat().st_mtime_ns for path in untouched] == stamps

@@ -103,8 +103,9 @@ def as_json(section):
 
 
 # ---- data (data.smk) ------------------------------------------------------------------------
-# The keys of `data` that decide which rows are prepared (max_length and on_too_long act per
-# teacher, at precompute): changing only those must not redo the data and everything after it.
+# The keys of `data` that decide which rows are prepared (max_length, on_too_long and
+# prompt_format act per model, at precompute, training and evaluation): changing only those must
+# not redo the data and everything after it.
 PREPARE_KEYS = ["source", "path", "train_size", "validation_size", "test_size", "seed", "on_bad_row"]
 
 

@@ -12,6 +12,7 @@ rule evaluate:
     params:
         eval=as_json({key: config["eval"][key] for key in EVAL_KEYS}),
         max_length=config["data"]["max_length"],
+        prompt_format=config["data"]["prompt_format"],
         model=model_args,
     resources:
         gpu=1,
@@ -25,4 +26,5 @@ rule evaluate:
     shell:
         "python -m stages.evaluate --threads {threads} --name {wildcards.evaluated} {params.model} "
         "--data {input.data:q} --eval {params.eval:q} --max-length {params.max_length} "
-        "--out {output.record:q} --predictions {output.predictions:q} > {log:q} 2>&1"
+        "--prompt-format {params.prompt_format} --out {output.record:q} "
+        "--predictions {output.predictions:q} > {log:q} 2>&1"

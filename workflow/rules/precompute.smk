@@ -11,6 +11,7 @@ rule kv_basis:
     params:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
+        prompt_format=config["data"]["prompt_format"],
         layer_arguments=layer_arguments,
     resources:
         gpu=1,
@@ -24,8 +25,8 @@ rule kv_basis:
     shell:
         "python -m stages.kv_basis --threads {threads} --card {input.card:q} "
         "--data {input.data:q} --precompute {params.precompute:q} "
-        "--max-length {params.max_length} --teacher-dims {input.teacher_dims:q} "
-        "{params.layer_arguments} --out {output.basis:q} > {log:q} 2>&1"
+        "--max-length {params.max_length} --prompt-format {params.prompt_format} "
+        "--teacher-dims {input.teacher_dims:q} {params.layer_arguments} --out {output.basis:q} > {log:q} 2>&1"
 
 
 rule precompute:
@@ -42,6 +43,7 @@ rule precompute:
     params:
         precompute=as_json(config["precompute"]),
         max_length=config["data"]["max_length"],
+        prompt_format=config["data"]["prompt_format"],
         on_too_long=config["data"]["on_too_long"],
         layer_arguments=layer_arguments,
         basis=lambda w, input: path_arg("--basis", input.basis),
@@ -59,7 +61,8 @@ rule precompute:
         "python -m stages.precompute --threads {threads} --card {input.card:q} "
         "--data {input.data:q} --split {wildcards.split} --shard {wildcards.shard} "
         "--precompute {params.precompute:q} --max-length {params.max_length} "
-        "--on-too-long {params.on_too_long} --teacher-dims {input.teacher_dims:q} "
+        "--on-too-long {params.on_too_long} --prompt-format {params.prompt_format} "
+        "--teacher-dims {input.teacher_dims:q} "
         "{params.layer_arguments} {params.basis} {params.logits} --shard-out {output.shard:q} "
         "--info {output.info:q} > {log:q} 2>&1"
 

@@ -11,6 +11,7 @@ rule cka_layer_map:
     params:
         examples=config["cka_layer_map"]["examples"],
         max_length=config["data"]["max_length"],
+        prompt_format=config["data"]["prompt_format"],
         time_alignment=cka_time_alignment(),
     resources:
         gpu=1,
@@ -25,7 +26,8 @@ rule cka_layer_map:
         "python -m stages.cka_layer_map --threads {threads} --student-card {input.student_card:q} "
         "--teacher-cards {input.teacher_cards:q} --manifests {input.manifests:q} "
         "--data {input.data:q} --examples {params.examples} --max-length {params.max_length} "
-        "--time-alignment {params.time_alignment} --out {output.maps:q} > {log:q} 2>&1"
+        "--prompt-format {params.prompt_format} --time-alignment {params.time_alignment} "
+        "--out {output.maps:q} > {log:q} 2>&1"
 
 
 rule train:
@@ -51,6 +53,7 @@ rule train:
         train=lambda w: as_json(ARMS[w.arm]),
         job=as_json(config["train_job"]),
         max_length=config["data"]["max_length"],
+        prompt_format=config["data"]["prompt_format"],
         checkpoint_dir=lambda w: f"{PATHS['scratch']}/checkpoints/train/{w.arm}/seed{w.seed}",
         tracker_dir=f"{train_dir('{arm}', '{seed}')}/tb",
         launcher=train_launcher,
@@ -71,7 +74,8 @@ rule train:
         "--teacher-cards {input.teacher_cards:q} --teacher-dims {input.teacher_dims:q} "
         "--manifests {input.manifests:q} --data {input.data:q} "
         "--validation-data {input.validation:q} --data-info {input.data_info:q} "
-        "--env {input.env:q} --max-length {params.max_length} {params.cka} "
+        "--env {input.env:q} --max-length {params.max_length} "
+        "--prompt-format {params.prompt_format} {params.cka} "
         "--checkpoint-dir {params.checkpoint_dir:q} --tracker-dir {params.tracker_dir:q} "
         "--student-out {output.student:q} "
         "--projector-out {output.projector:q} --metrics-out {output.metrics:q} "
