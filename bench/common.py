@@ -2,7 +2,10 @@
 
 Run a benchmark from the repository root as `python -m bench.<name>`. Teachers are, in order:
 the cards given with --card; the default run's materialised teachers (results/default/models);
-with --tiny, the smoke config's tiny random teachers, built in a temporary folder.
+with --tiny, the smoke config's tiny random teachers, built in a temporary folder. Rows come
+from where the pipeline's prepare stage takes them (data.source auto): $KAVA_DATA_PATH when set
+(e.g. KAVA_DATA_PATH=/work/shared/data/gsm8k), else the hub when reachable, else the synthetic
+generator; each benchmark's "data" figure says which.
 """
 
 import argparse
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kava.config import used_models
+from kava.config import schema_defaults, used_models
 from kava.data import prepare
 from kava.environment import detect_device, job_precision, usable_cpus
 from kava.io import read_json
@@ -23,7 +26,6 @@ from kava.models import materialize
 from kava.paths import run_paths
 
 PROJECT = Path(__file__).resolve().parents[1]
-GSM8K = PROJECT.parent / "shared" / "data" / "gsm8k"
 
 
 def parser(description):
@@ -68,12 +70,19 @@ def student_card(args, workdir):
     return next(iter(_cards(args, workdir, lambda config: [config["student"]]).values()))
 
 
+def bench_splits(**sizes):
+    """({split: rows}, source) as the prepare stage makes them: kava.data.prepare on the data
+    section's defaults with `sizes` (train_size, validation_size, test_size) over them, and
+    $KAVA_DATA_PATH as the path, as the Snakefile passes it."""
+    tables, info = prepare({**schema_defaults("data"), **sizes},
+                           env_path=os.environ.get("KAVA_DATA_PATH"))
+    return tables, info["source"]
+
+
 def bench_rows(n):
-    """`n` test rows ({id, text, ...}): real GSM8K when its copy is present, else synthetic."""
-    source = {"source": "path", "path": str(GSM8K)} if GSM8K.is_dir() else {"source": "synthetic"}
-    tables, info = prepare({**source, "train_size": 1, "validation_size": 0, "test_size": n,
-                            "seed": 0, "on_bad_row": "error"})
-    return tables["test"], info["source"]
+    """`n` test rows ({id, text, ...}) and their source (see bench_splits)."""
+    tables, source = bench_splits(train_size=1, validation_size=0, test_size=n)
+    return tables["test"], source
 
 
 def machine(threads):

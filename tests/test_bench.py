@@ -30,3 +30,17 @@ def test_evaluate_bench_tiny_compares_with_a_one_off_script():
     for part in ("nll", "noise_check", "generate"):
         assert figures["parts"][part]["kava_s"] > 0 and figures["parts"][part]["other_s"] > 0
     assert "stage" not in figures  # no --baseline-repo
+
+
+def test_storage_bench_tiny_quality_arm_has_the_headline_interval():
+    figures = last_json_line([sys.executable, "-m", "bench.storage", "--tiny", "--examples", "4",
+                              "--train-examples", "4", "--train-steps", "2", "--seeds", "2",
+                              "--quality-dtypes", "pca"])
+    teacher = next(iter(figures["teachers"].values()))
+    assert teacher["pca_nll_delta_interval"] == "t"
+    low, high = teacher["pca_nll_delta_ci"]
+    assert low <= teacher["pca_nll_delta"] <= high
+    assert len(teacher["pca_nll_delta_per_seed"]) == 2
+    # Every arm is restored to a step its validation scoring chose.
+    assert all(step in (1, 2) for steps in teacher["best_steps"].values() for step in steps)
+    assert 0 < teacher["logits_bytes_per_token"] and teacher["pca_train_precompute_s"] > 0
