@@ -115,7 +115,8 @@ def world(tiny_card, tmp_path_factory):
             "env": {"precision": "fp32", "recommended": {"micro_batch": 2}}}
 
 
-def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, **kwargs):
+def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, log=lambda m: None,
+        **kwargs):
     """Train in this process (`job`: the train_job settings, default the schema's); returns the
     output paths."""
     outputs = {"student": out / "student", "projector": out / "projector.safetensors",
@@ -124,8 +125,7 @@ def run(world, out, cfg, arm="kv", seed=0, teachers=None, job=None, **kwargs):
           student_dims=world["student_dims"], teachers=teachers or world["teachers"],
           rows=world["rows"], data_info=world["data_info"], env=world["env"],
           max_length=MAX_LENGTH, outputs=outputs, checkpoint_dir=out / "ckpt",
-          tracker_dir=out / "tb", log=lambda m: None,
-          **kwargs)
+          tracker_dir=out / "tb", log=log, **kwargs)
     return outputs
 
 
