@@ -133,6 +133,19 @@ def check_kv_exclude_layers(config, arms):
                             f"student {config['student']} has {depth} layers (0-{depth - 1})")
 
 
+def check_controls(arms):
+    """The kv_target controls replace the teacher's KV store (kava.targets), which also holds
+    the logits KD reads; minilm maps only the student's last layer, so kv_exclude_layers has
+    nothing to leave out but all of it."""
+    for arm, train in arms.items():
+        if train["kv_target"] != "teacher" and train["kd_weight"] > 0:
+            raise KavaError(f"config arms.{arm}: kv_target {train['kv_target']} is a control of "
+                            f"the KV loss and serves no teacher logits; set kd_weight 0")
+        if train["layer_map"] == "minilm" and train["kv_exclude_layers"]:
+            raise KavaError(f"config arms.{arm}: layer_map minilm maps only the student's last "
+                            f"layer; kv_exclude_layers would leave out that or nothing")
+
+
 def check_validation_weighting(config, arms):
     """teacher_weighting validation sets the teacher weights on the validation rows: an arm
     asking for it in a run without any would otherwise fail at its first train step."""
@@ -147,7 +160,9 @@ def cross_checked(config):
     {"models": used_models, "arms": arm_configs, "eval_teachers": evaluated_teachers}."""
     arms = arm_configs(config)
     check_contrasts(config, arms)
+    models = used_models(config)
     check_kv_exclude_layers(config, arms)
+    check_controls(arms)
     check_validation_weighting(config, arms)
-    return {"models": used_models(config), "arms": arms,
+    return {"models": models, "arms": arms,
             "eval_teachers": evaluated_teachers(config)}

@@ -228,7 +228,8 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
 
     layer_maps, reasons = teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps)
     if cfg["kv_target"] == "token_mean":
-        stores = {name: token_mean_targets(store, sorted(set(layer_maps[name])))
+        stores = {name: token_mean_targets(store, sorted({layer for layer in layer_maps[name]
+                                                          if layer is not None}))
                   for name, store in stores.items()}
     elif cfg["kv_target"] == "self":
         student = load_hf_model(student_card, torch.float32, device).eval()
@@ -383,9 +384,9 @@ def distribute(cfg, distiller, world, device):
     from torch.nn.parallel import DistributedDataParallel
 
     # Projectors get no gradient in a CE-only arm without probe_projector, or frozen, nor
-    # those of the layers kv_exclude_layers leaves out.
+    # those of the layers kv_exclude_layers leaves out or a layer map (minilm) leaves unmapped.
     unused = ((cfg["kv_weight"] == 0 and not cfg["probe_projector"]) or cfg["freeze_projector"]
-              or bool(cfg["kv_exclude_layers"]))
+              or bool(cfg["kv_exclude_layers"]) or cfg["layer_map"] == "minilm")
     return DistributedDataParallel(distiller, find_unused_parameters=unused,
                                    device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -37,13 +37,12 @@ def validation_nll(model, tokenizer, rows, batch_size):
 
 def validation_batches(tokenizer, rows, max_length, batch_size):
     """(batches, answer tokens in all) of the validation rows as the student trains on rows:
-    its tokens and answer-CE labels (their text is prompt + answer, as kava.data prepares it),
+    its tokens and answer-CE labels (rows rendered by kava.prompts, as the train rows are),
     `batch_size` rows a batch and no teacher."""
     if not rows:
         raise KavaError("teacher_weighting validation weighs the teachers on the validation "
                         "rows, but there are none: data.validation_size is 0")
-    examples = [student_example(tokenizer, {**row, "text": row["prompt"] + row["answer"]},
-                                max_length) for row in rows]
+    examples = [student_example(tokenizer, row, max_length) for row in rows]
     # No teacher to align: the time alignment mode is never read.
     batches = [collate(examples[i:i + batch_size], {}, pad_id(tokenizer), "auto")
                for i in range(0, len(examples), batch_size)]

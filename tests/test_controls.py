@@ -122,6 +122,23 @@ def test_a_layer_beyond_the_student_is_refused_when_the_workflow_is_parsed(tmp_p
             "has 3 layers (0-2)") in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("arm, refusal", [
+    ({"kv_target": "self", "kd_weight": 1.0},
+     "config arms.bad: kv_target self is a control of the KV loss and serves no teacher logits; "
+     "set kd_weight 0"),
+    ({"layer_map": "minilm", "kv_exclude_layers": [0]},
+     "config arms.bad: layer_map minilm maps only the student's last layer; kv_exclude_layers "
+     "would leave out that or nothing")])
+def test_controls_that_cannot_combine_are_refused_when_the_workflow_is_parsed(tmp_path, arm,
+                                                                             refusal):
+    def bad(config):
+        config["arms"] = {"ce": {"kv_weight": 0}, "bad": arm}
+
+    result = smoke_dry_run(tmp_path, bad)
+    assert result.returncode != 0
+    assert f"kava: error: {refusal}" in result.stdout + result.stderr
+
+
 def test_the_ablation_contrasts_every_control_with_kv():
     config = yaml.safe_load((PROJECT / "config" / "ablation.yaml").read_text())
     contrasts = config["report"]["contrasts"]

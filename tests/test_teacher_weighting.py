@@ -112,8 +112,7 @@ def toy(tiny_card, tmp_path_factory):
                                                   max_length=MAX_LENGTH, dtype="fp32")}
     return {"rows": rows, "student": student, "student_dims": dims_of(student),
             "teachers": teachers,
-            "validation_rows": [{"id": f"validation-{i}", "prompt": r["prompt"],
-                                 "answer": r["answer"]} for i, r in enumerate(rows)],
+            "validation_rows": [{**r, "id": f"validation-{i}"} for i, r in enumerate(rows)],
             "data_info": {"source": "synthetic", "path": None,
                           "splits": {"train": {"rows": 4, "sha256": "toy"}}},
             "env": {"precision": "fp32", "recommended": {"micro_batch": 2}}}
