@@ -145,10 +145,12 @@ def probe_layer_maps(train_info, n_student, teacher_dims, student_card):
     give. So an arm that learned from one teacher is still measured against the others, which
     tells whether its KV moved towards its teacher only or towards any teacher. A student
     layer the training map leaves out (minilm) is probed against the map's last teacher layer:
-    the probe scores every student layer, and the store may hold no other layer."""
+    the probe scores every student layer, and the store may hold no other layer. A kv_target
+    self arm learned from no teacher (its map is the student's own layers): it gets auto's."""
+    learned = train_info["config"]["kv_target"] != "self"
     maps = {}
     for name, dims in teacher_dims.items():
-        if name in train_info["teachers"]:
+        if learned and name in train_info["teachers"]:
             trained = train_info["teachers"][name]["layer_map"]
             last = [layer for layer in trained if layer is not None][-1]
             maps[name] = [last if layer is None else layer for layer in trained]

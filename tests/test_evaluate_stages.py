@@ -138,7 +138,7 @@ def self_store(tiny_card, tmp_path_factory):
 def train_info(card):
     """The parts of train.json the held-out measures read: key space, alignment, per teacher
     the weights its KV came from and the layer map."""
-    return {"key_space": "pre_rope", "config": {"time_alignment": "auto"},
+    return {"key_space": "pre_rope", "config": {"time_alignment": "auto", "kv_target": "teacher"},
             "teachers": {card["name"]: {
                 "identity": {"teacher": {"weights_sha256": card["weights_sha256"]}},
                 "layer_map": list(range(card["num_layers"]))}}}

@@ -164,9 +164,15 @@ def test_resolve_refuses_unstored_layers_and_unknown_modes():
 def test_probe_layer_maps_cover_every_teacher_of_the_run():
     """The teacher an arm learned from keeps its training map; one it did not learn from gets
     layer_map auto's: the pruned student's own layers for its parent, ratio for another."""
-    info = {"teachers": {"taught": {"layer_map": [0, 0, 5]}}}
+    info = {"config": {"kv_target": "teacher"}, "teachers": {"taught": {"layer_map": [0, 0, 5]}}}
     dims = {"taught": {"num_layers": 6}, "parent": {"num_layers": 12},
             "other": {"num_layers": 7}}
     card = {"source": {"derive": {"base": "parent", "keep_layers": [0, 4, 11]}}}
     maps = probe_layer_maps(info, 3, dims, card)
     assert maps == {"taught": [0, 0, 5], "parent": [0, 4, 11], "other": [0, 3, 6]}
+    # kv_target self trained each student layer against itself: its map names student layers,
+    # which the teacher's store need not hold, so the probe uses auto's map for every teacher.
+    self_info = {"config": {"kv_target": "self"},
+                 "teachers": {"parent": {"layer_map": [0, 1, 2]}}}
+    assert probe_layer_maps(self_info, 3, {"parent": {"num_layers": 12}}, card) == {
+        "parent": [0, 4, 11]}

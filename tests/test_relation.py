@@ -187,7 +187,7 @@ def test_minilm_maps_the_last_student_layer_to_an_upper_middle_teacher_layer():
         resolve({"layer_map": "minilm"}, card, {"model": "t", "num_layers": 10}, [9])
     assert layers_to_store("mapped", 10, card, "t", {"a": {"layer_map": "minilm"}}) == [7]
     # The probe scores every student layer, against the one layer the store holds.
-    info = {"teachers": {"t": {"layer_map": [None, None, 7]}}}
+    info = {"config": {"kv_target": "teacher"}, "teachers": {"t": {"layer_map": [None, None, 7]}}}
     assert probe_layer_maps(info, 3, {"t": {"num_layers": 10}}, card) == {"t": [7, 7, 7]}
 
 
