@@ -260,6 +260,11 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     test_stores = teacher_stores(test_manifests, list(probe_maps), train_info)
     train_stores = teacher_stores(train_manifests, list(probe_maps), train_info)
     projectors = {name: projector.to(device).eval() for name, projector in projectors.items()}
+    if train_info["config"]["kv_target"] == "self":
+        # Trained against its own initial KV (student layers, identity projector): held out it
+        # is compared with each teacher's KV at the probe's layers, as a kv arm is.
+        for name, projector in projectors.items():
+            projector.layer_map = list(probe_maps[name])
     # A kv_target: shuffled arm read other examples' KV in training; held out, every arm is measured
     # against each example's own teacher KV.
     return heldout_scores(student, tokenizer, projectors, train_stores, test_stores, probe_maps,
