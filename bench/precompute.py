@@ -7,9 +7,11 @@ For each teacher, over the same rows and the same length-sorted batches, alterna
 Both count the same real (unpadded) tokens. Model loading is outside both. Goal: the ratio of
 precompute to forward tokens/s >= 0.95. `--layers mapped` (the default, as precompute.layers)
 stores the layers the default student's auto layer map reads; `all` stores every layer.
+`--dtype pca` (the default, as precompute.dtype) fits its basis on the same rows first, outside
+the timing: that is stage kv_basis's work, once per teacher, not per shard.
 
     python -m bench.precompute [--tiny | --card CARD ... --student-card CARD] [--examples 32]
-                               [--repeats 3] [--layers mapped|all] [--dtype bf16]
+                               [--repeats 3] [--layers mapped|all] [--dtype pca]
 """
 
 import tempfile
@@ -22,7 +24,8 @@ from kava.environment import compute_dtype
 from kava.io import read_json
 from kava.layer_maps import layers_to_store
 from kava.models import load_model, load_tokenizer
-from kava.precompute import (length_batches, pad_batch, precompute_shard, tokenize,
+from kava.config import schema_defaults
+from kava.precompute import (fit_basis, length_batches, pad_batch, precompute_shard, tokenize,
                              tokenizer_identity)
 
 
@@ -36,7 +39,11 @@ def bare_forward(model, batches, kept):
 def main():
     cli = parser(__doc__)
     cli.add_argument("--repeats", type=int, default=3)
-    cli.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "fp8"))
+    cli.add_argument("--dtype", default="pca", choices=("bf16", "fp16", "fp32", "fp8", "pca"),
+                     help="the stored format (default pca, precompute.dtype's default; its basis "
+                     "is fitted on the same rows before timing, as stage kv_basis does)")
+    cli.add_argument("--pca-variance", type=float, default=schema_defaults("precompute")[
+        "pca_variance"])
     cli.add_argument("--layers", default="mapped", choices=("mapped", "all"))
     cli.add_argument("--student-card", help="for --layers mapped (default: the default run's)")
     cli.add_argument("--batch-tokens", type=int, default=2048)
@@ -60,13 +67,19 @@ def main():
                         "tokenizer": tokenizer_identity(tokenizer, card["dir"]),
                         "compute_dtype": dtype_name}
             shard = Path(workdir) / f"{name}.safetensors"
+            basis = None
+            if args.dtype == "pca":
+                basis = fit_basis(model, tokenizer, rows, Path(workdir) / f"{name}-basis.safetensors",
+                                  identity=identity, layers=layers, key_space="pre_rope",
+                                  max_length=args.max_length, batch_tokens=args.batch_tokens,
+                                  variance=args.pca_variance)
 
             def precompute():
                 return precompute_shard(
                     model, tokenizer, rows, shard, identity=identity,
                     layers=layers, key_space="pre_rope",
                     dtype=args.dtype, max_length=args.max_length, on_too_long="truncate",
-                    batch_tokens=args.batch_tokens, progress_label=name)
+                    batch_tokens=args.batch_tokens, basis=basis, progress_label=name)
 
             bare_forward(model, batches[-1:], kept)  # warm-up: kernels, allocator
             forward_s, precompute_s = float("inf"), float("inf")

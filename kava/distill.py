@@ -332,15 +332,17 @@ def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_
 
 def validation_weights(gradients, reference):
     """(weights, cosines), two `[n_teachers]` tensors, from each teacher's loss gradient and
-    the validation answer-CE gradient: weight ∝ max(0, cosine), normalised to sum to 1, as fixed
-    weights are, so kv_weight means what it means for them, and a run whose other teachers are
-    switched off trains exactly as the one teacher alone would. A teacher whose term points away
-    from the validation gradient gets 0 until it aligns again; when none points along it, all
-    get 0 and the arm trains on CE alone until one does."""
+    the validation answer-CE gradient: weight = max(0, cosine) ÷ the largest such, so the
+    best-aligned teacher counts as much as it would alone and another counts by its alignment
+    relative to that one's. Normalising to sum to 1 instead (as fixed weights are) let a weaker
+    but positively aligned teacher shrink the best one's term (README, "Teachers of another
+    shape"). A run whose other teachers are switched off trains exactly as the one teacher alone would. A
+    teacher whose term points away from the validation gradient gets 0 until it aligns again;
+    when none points along it, all get 0 and the arm trains on CE alone until one does."""
     cosines = torch.tensor([gradient_cosine(grad, reference) for grad in gradients])
     positive = cosines.clamp_min(0)
-    total = positive.sum()
-    return (positive / total if total > 0 else positive), cosines
+    best = positive.max()
+    return (positive / best if best > 0 else positive), cosines
 
 
 def validation_weighting(distiller, batches, ce_items, kv_items, kd_items, validation_batches,

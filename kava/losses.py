@@ -155,7 +155,7 @@ class TeacherMixture(nn.Module):
         weights. Left alone, learned weights drift to whichever teacher is easiest to match;
         subtract a multiple of entropy() from the total loss to keep them spread.
     validation: one weight per teacher, the same in every layer, set from outside by
-        set_weights (kava.distill.validation_weighting): ≥ 0, summing to 1, or all 0.
+        set_weights (kava.distill.validation_weighting): in [0, 1], the largest 1, or all 0.
 
     total = ce_weight·CE + kv_weight·teacher_mixture(kv_losses) [− λ·teacher_mixture.entropy()]
     """
@@ -170,7 +170,7 @@ class TeacherMixture(nn.Module):
             raise KavaError(f"teacher weights {weights} must be {n_teachers} positive numbers")
         self.mode = mode
         if mode == "validation":
-            w = w / w.sum()  # weights() reads these back as they are
+            w = w / w.max()  # weights() reads these back as they are
         # softmax(log w) = w / Σw: one code path for fixed and learned.
         logits = w.log().expand(n_layers, n_teachers).clone()
         if mode == "learned":
@@ -179,7 +179,8 @@ class TeacherMixture(nn.Module):
             self.register_buffer("logits", logits)
 
     def weights(self):
-        """`[n_layers, n_teachers]`, each row summing to 1 (validation: or all 0)."""
+        """`[n_layers, n_teachers]`, each row summing to 1 (validation: the largest 1, or all
+        0)."""
         if self.mode == "validation":
             # A softmax cannot give 0, nor all 0: the buffer holds log-weights, −inf for 0.
             return self.logits.exp()
@@ -187,7 +188,8 @@ class TeacherMixture(nn.Module):
 
     @torch.no_grad()
     def set_weights(self, weights):
-        """validation: `[n_teachers]` weights (≥ 0, summing to 1 or all 0) for every layer."""
+        """validation: `[n_teachers]` weights (in [0, 1], the largest 1, or all 0) for every
+        layer."""
         self.logits.copy_(weights.to(self.logits).log().expand_as(self.logits))
 
     def forward(self, kv_losses, layers=None):

@@ -44,3 +44,13 @@ def test_storage_bench_tiny_quality_arm_has_the_headline_interval():
     # Every arm is restored to a step its validation scoring chose.
     assert all(step in (1, 2) for steps in teacher["best_steps"].values() for step in steps)
     assert 0 < teacher["logits_bytes_per_token"] and teacher["pca_train_precompute_s"] > 0
+
+
+def test_precompute_bench_tiny_times_the_default_pca_store_against_the_bare_forward():
+    figures = last_json_line([sys.executable, "-m", "bench.precompute", "--tiny", "--examples",
+                              "4", "--repeats", "1"])
+    assert figures["dtype"] == "pca"
+    for teacher in figures["teachers"].values():
+        assert teacher["tokens"] > 0 and teacher["forward_s"] > 0 and teacher["precompute_s"] > 0
+    assert figures["precompute_over_forward_ratio"] == min(
+        t["precompute_over_forward_ratio"] for t in figures["teachers"].values())

@@ -149,8 +149,8 @@ def _teacher_weighting_blocks(facts):
             {"kind": "text", "text": (
                 "train.teacher_weighting validation: every teacher_weighting_every steps each "
                 "teacher's weight was set ∝ max(0, cosine) between its loss gradient on the "
-                "step's batch and the answer-CE gradient on the validation rows, normalised to "
-                "sum to 1. A teacher at 0 was switched off until its cosine turned positive; "
+                "step's batch and the answer-CE gradient on the validation rows, divided by the "
+                "largest (the best-aligned teacher counts 1, as alone). A teacher at 0 was switched off until its cosine turned positive; "
                 "when no cosine was positive the run trained on CE alone.")},
             {"kind": "table", "header": ["arm", "seed", "teacher", "mean weight", "final weight",
                                          "steps switched off", "mean cosine",
