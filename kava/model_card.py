@@ -14,6 +14,9 @@ from kava.errors import KavaError
 from kava.io import atomic_path
 
 DATASET = {"hub": "openai/gsm8k", "path": "gsm8k", "synthetic": "kava synthetic"}
+# data.prompt_format, as the student was trained on it (kava.prompts).
+PROMPTS = {"plain": "prompt format plain, template `{template!r}`",
+           "chat": "prompt format chat: the student's own chat template"}
 
 
 def _base_model(card, base_card):
@@ -77,8 +80,9 @@ def build_card(arm, seed, train_info, student_card, base_card, teacher_cards, su
         f"`{arm}`, seed {seed}. Its initial weights are {derivation}.", "",
         "## Teachers", "", "| teacher | source | weights sha256 |", "|---|---|---|",
         *teacher_rows, "",
-        "## Data", "", f"Source: {data['source']} ({data.get('path') or 'generated'}); prompt "
-        f"template `{data['template']!r}`; rows hash over id, question and answer.", "",
+        "## Data", "", f"Source: {data['source']} ({data.get('path') or 'generated'}); "
+        f"{PROMPTS[data['prompt_format']].format(template=data['template'])}; rows hash over id, "
+        "question and answer.", "",
         "| split | rows | sha256 |", "|---|---|---|", *split_rows, "",
         "## Training config of the arm", "", "```json",
         json.dumps(train_info["config"], indent=2, sort_keys=True), "```", "",

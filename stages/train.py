@@ -35,7 +35,9 @@ def main(args):
     train(args.train, job=args.job, arm=args.arm, seed=args.seed,
           student_card=student_card, student_dims=read_json(args.student_dims),
           teachers=teachers, rows=rendered(args.data),
-          data_info=read_json(args.data_info), env=read_json(args.env),
+          # The rows were rendered so: train.json and the model card say it with the data.
+          data_info={**read_json(args.data_info), "prompt_format": args.prompt_format},
+          env=read_json(args.env),
           max_length=args.max_length,
           outputs={"student": args.student_out, "projector": args.projector_out,
                    "metrics": args.metrics_out, "summary": args.summary_out},

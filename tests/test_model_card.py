@@ -45,7 +45,8 @@ def run_files(tmp_path, tiny_card):
     _, data_info = prepare({**schema_defaults("data"), "source": "synthetic", "train_size": 8,
                             "test_size": 4})
     files = {"student_card": student, "base_card": base, "teacher_cards": [teacher],
-             "train_info": {"arm": "kv", "seed": 0, "data": data_info,
+             "train_info": {"arm": "kv", "seed": 0,
+                            "data": {**data_info, "prompt_format": "plain"},
                             "config": {"steps": 3, "kv_weight": 1.0}},
              "summary": evals_and_summary()[1]}
     paths = {}
@@ -93,6 +94,7 @@ def test_card_metadata_reads_back_with_model_card_load(run_files):
     assert f"{contrast['mean']:.4f} [{contrast['ci'][0]:.4f}" in card.text
     assert "keep_layers [0, 2]" in card.text
     assert "hf upload" in card.text
+    assert "prompt format plain, template `'Question: {question}" in card.text
 
 
 def test_an_arm_missing_from_the_summary_is_named(run_files):

@@ -435,6 +435,9 @@ def long_reference(world, tmp_path_factory):
                            *stage_command(world, out, long_config(), job=long_job())],
                           cwd=PROJECT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    # The stage records how the rows were rendered beside the data they came from.
+    assert json.loads((out / "train.json").read_text())["data"] == {**world["data_info"],
+                                                                   "prompt_format": "plain"}
     return out
 
 
