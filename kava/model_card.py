@@ -50,8 +50,10 @@ def _evaluation(arm, summary, dataset):
     return results, lines
 
 
-def build_card(arm, seed, train_info, student_card, base_card, teacher_cards, summary):
-    """The ModelCard of one arm x seed's student (see the module docstring)."""
+def build_card(arm, seed, train_info, student_card, base_card, teacher_cards, summary,
+               prompt_format):
+    """The ModelCard of one arm x seed's student (see the module docstring); `prompt_format`:
+    data.prompt_format, the rendering the student was trained on."""
     data = train_info["data"]
     dataset = DATASET[data["source"]]
     results, eval_lines = _evaluation(arm, summary, dataset)
@@ -81,7 +83,7 @@ def build_card(arm, seed, train_info, student_card, base_card, teacher_cards, su
         "## Teachers", "", "| teacher | source | weights sha256 |", "|---|---|---|",
         *teacher_rows, "",
         "## Data", "", f"Source: {data['source']} ({data.get('path') or 'generated'}); "
-        f"{PROMPTS[data['prompt_format']].format(template=data['template'])}; rows hash over id, "
+        f"{PROMPTS[prompt_format].format(template=data['template'])}; rows hash over id, "
         "question and answer.", "",
         "| split | rows | sha256 |", "|---|---|---|", *split_rows, "",
         "## Training config of the arm", "", "```json",

@@ -46,7 +46,7 @@ def run_files(tmp_path, tiny_card):
                             "test_size": 4})
     files = {"student_card": student, "base_card": base, "teacher_cards": [teacher],
              "train_info": {"arm": "kv", "seed": 0,
-                            "data": {**data_info, "prompt_format": "plain"},
+                            "data": data_info,
                             "config": {"steps": 3, "kv_weight": 1.0}},
              "summary": evals_and_summary()[1]}
     paths = {}
@@ -58,13 +58,13 @@ def run_files(tmp_path, tiny_card):
     return tmp_path, paths, files
 
 
-def _stage(tmp_path, paths, arm="kv"):
+def _stage(tmp_path, paths, arm="kv", *extra):
     return subprocess.run(
         [sys.executable, "-m", "stages.model_card", "--arm", arm, "--seed", "0",
          "--student", str(tmp_path / "student"), "--train-info", str(*paths["train_info"]),
          "--student-card", str(*paths["student_card"]), "--base-card", str(*paths["base_card"]),
          "--teacher-cards", *map(str, paths["teacher_cards"]),
-         "--summary", str(*paths["summary"]), "--out", str(tmp_path / "hub")],
+         "--summary", str(*paths["summary"]), "--out", str(tmp_path / "hub"), *extra],
         cwd=PROJECT, capture_output=True, text=True)
 
 
@@ -95,6 +95,15 @@ def test_card_metadata_reads_back_with_model_card_load(run_files):
     assert "keep_layers [0, 2]" in card.text
     assert "hf upload" in card.text
     assert "prompt format plain, template `'Question: {question}" in card.text
+
+
+def test_a_chat_trained_students_card_names_its_chat_template(run_files):
+    tmp_path, paths, _ = run_files
+    done = _stage(tmp_path, paths, "kv", "--prompt-format", "chat")
+    assert done.returncode == 0, done.stderr
+    text = ModelCard.load(tmp_path / "hub" / "README.md").text
+    assert "prompt format chat: the student's own chat template" in text
+    assert "Question: {question}" not in text
 
 
 def test_an_arm_missing_from_the_summary_is_named(run_files):

@@ -13,6 +13,7 @@ rule model_card:
         publish=directory(f"{train_dir('{arm}', '{seed}')}/hub"),
     params:
         base_card=lambda w, input: path_arg("--base-card", input.base_card),
+        prompt_format=config["data"]["prompt_format"],
     log:
         log_path("model_card", "{arm}-seed{seed}"),
     benchmark:
@@ -25,4 +26,5 @@ rule model_card:
         "--seed {wildcards.seed} --student {input.student:q} --train-info {input.train_info:q} "
         "--student-card {input.student_card:q} {params.base_card} "
         "--teacher-cards {input.teacher_cards:q} --summary {input.summary:q} "
+        "--prompt-format {params.prompt_format} "
         "--out {output.publish:q} > {log:q} 2>&1"
