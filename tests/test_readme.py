@@ -80,6 +80,13 @@ def test_a_changed_summary_makes_the_readme_disagree(tmp_path):
     assert "on GSM8K (a local copy: /data/gsm8k; test rows sha256 bb1c4f23a89b)" in rendered
     assert "Synthetic" not in rendered and "commit 0123456" in rendered
     assert render_readme(rendered, tmp_path) == rendered
+    assert "validation NLL" not in rendered  # a study that recorded no chosen steps
+    study = json.loads((tmp_path / "default" / "STUDY.json").read_text())
+    study["validation"] = {"kv": {"steps": [20, 30, 30], "nll": [2.7, 2.6, 2.8]}}
+    (tmp_path / "default" / "STUDY.json").write_text(json.dumps(study))
+    table = study_table("default", tmp_path)
+    assert "| kv | 2.3750 ± 0.0100 | 2.7000 ± 0.1000 | 20, 30, 30 |" in table
+    assert "| ce | 2.5000 ± 0.0200 | — | — |" in table
     _study(tmp_path / "synthetic", "synthetic", -0.125)
     block = study_table("synthetic", tmp_path)
     assert block.startswith("**Synthetic problems, not GSM8K:**")
@@ -93,8 +100,17 @@ def test_add_study_records_the_run(tmp_path):
     (results / "data" / "data.json").write_text(json.dumps(
         {"source": "path", "path": "/data/gsm8k", "splits": {"train": {"sha256": "aa"},
                                                               "test": {"sha256": "bb"}}}))
+    for arm, seed, best, curve in (("kv", 0, 20, [3.1, 2.9, 2.7, 2.8]),
+                                   ("kv", 1, 30, [3.1, 2.9, 2.8, 2.6]),
+                                   ("ce", 0, None, None)):  # a run that did not choose
+        folder = results / "train" / arm / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "train.json").write_text(json.dumps(
+            {"best_step": best, "validation": curve and [{"step": 10 * k, "nll": nll}
+                                                         for k, nll in enumerate(curve)]}))
     add_study("real", results, "make run", tmp_path / "studies")
     study = json.loads((tmp_path / "studies" / "real" / "STUDY.json").read_text())
+    assert study["validation"] == {"kv": {"steps": [20, 30], "nll": [2.7, 2.6]}}
     assert study["command"] == "make run" and re.fullmatch(r"[0-9a-f]{40}", study["commit"])
     assert study["data"] == {"source": "path", "path": "/data/gsm8k", "train_sha256": "aa",
                              "test_sha256": "bb"}

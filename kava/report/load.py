@@ -104,7 +104,7 @@ def _kv_storage(manifests):
     return storage
 
 
-def _train_facts(infos):
+def train_facts(infos):
     """From {arm: {seed: train.json}}: tokens_without_target {arm: {teacher: [fraction per
     seed]}}, and chosen_steps {arm: {seed: {"best_step", "validation_nll"}}} when a run chose its
     weights on the validation rows (train.json's best_step; validation: [{"step", "nll"}]), and
@@ -136,7 +136,7 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
                evaluation=None, train_infos=None, harness=None):
     """FACTS (module docstring) from files: env.json, {model: dims JSON}, data/data.json, KV
     manifests, the folder of Snakemake benchmark TSVs (`<rule>/<job>.tsv`), the evaluation
-    settings (a dict), {arm: {seed: train.json}} (_train_facts) and {model:
+    settings (a dict), {arm: {seed: train.json}} (train_facts) and {model:
     eval/lm_eval/<model>.json}. Anything not given is left out and shows as n/a."""
     facts = {}
     if env:
@@ -157,7 +157,7 @@ def load_facts(env=None, dims=None, data_info=None, manifests=(), benchmarks_dir
     if evaluation:
         facts["evaluation"] = _flatten(evaluation)
     if train_infos:
-        facts.update(_train_facts({arm: {seed: _read_json(path, "train summary")
+        facts.update(train_facts({arm: {seed: _read_json(path, "train summary")
                                          for seed, path in runs.items()}
                                    for arm, runs in train_infos.items()}))
     if harness:

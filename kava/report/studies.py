@@ -1,8 +1,10 @@
 """Committed studies and the README tables rendered from them.
 
 Each study is a folder studies/<name>/ holding the run's eval/summary.json and STUDY.json: the
-commit and command it came from, when, and the data it read (source, path, row hashes), so that
-every number the README claims names its run. README.md carries one marked block per study,
+commit and command it came from, when, the data it read (source, path, row hashes) and, per arm,
+the step each seed's weights were chosen at with its validation NLL there (what may choose
+between arms or settings; test NLL must not), so that every number the README claims names its
+run. README.md carries one marked block per study,
 
     <!-- study:<name> -->
     ...generated table...
@@ -23,7 +25,9 @@ from pathlib import Path
 
 from kava.errors import KavaError
 from kava.io import write_json
+from kava.report.load import train_facts
 from kava.report.render import data_source, p_text
+from kava.report.summary import spread_over_seeds
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 BLOCK = re.compile(r"(<!-- study:([\w.-]+) -->\n)(.*?)(<!-- /study -->)", re.S)
@@ -36,10 +40,22 @@ def _read(path):
         raise KavaError(f"study file {path}: unreadable ({type(err).__name__})") from None
 
 
+def _validation(results):
+    """{arm: {"steps": [chosen step per seed], "nll": [validation NLL there per seed]}} from
+    the run's train/<arm>/seed<k>/train.json files; {} when no run chose its weights."""
+    infos = {}
+    for path in sorted(Path(results).glob("train/*/seed*/train.json")):
+        infos.setdefault(path.parent.parent.name, {})[path.parent.name[len("seed"):]] = _read(path)
+    chosen = train_facts(infos).get("chosen_steps", {})
+    return {arm: {"steps": [run["best_step"] for run in seeds.values()],
+                  "nll": [run["validation_nll"] for run in seeds.values()]}
+            for arm, seeds in chosen.items()}
+
+
 def add_study(name, results, command, studies=STUDIES):
     """Copy a finished run's eval/summary.json into studies/<name>/ beside STUDY.json, which
-    records this checkout's commit, `command`, today's date and results/data/data.json's
-    provenance."""
+    records this checkout's commit, `command`, today's date, results/data/data.json's
+    provenance and each arm's chosen steps (_validation)."""
     results = Path(results)
     data = _read(results / "data" / "data.json")
     summary = results / "eval" / "summary.json"
@@ -51,13 +67,18 @@ def add_study(name, results, command, studies=STUDIES):
     study = {"commit": commit, "command": command, "date": datetime.date.today().isoformat(),
              "data": {"source": data["source"], "path": data.get("path"),
                       **{f"{split}_sha256": info["sha256"]
-                         for split, info in data.get("splits", {}).items()}}}
+                         for split, info in data.get("splits", {}).items()}},
+             "validation": _validation(results)}
     write_json(folder / "STUDY.json", study)
 
 
 def _ci(stat, scale=1.0, fmt="{:+.4f}"):
     lo, hi = (scale * x for x in stat["ci"])
     return f"{fmt.format(scale * stat['mean'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def _mean_sd(spread):
+    return f"{spread['mean']:.4f}" + ("" if spread["std"] is None else f" ± {spread['std']:.4f}")
 
 
 def _difference_row(arm, reference, entry):
@@ -81,14 +102,23 @@ def study_table(name, studies=STUDIES):
         lines.append("**Synthetic problems, not GSM8K:** these numbers were measured on the "
                      "generator's problems (kava/synthetic.py).")
         lines.append("")
+    validation = study.get("validation") or {}
     lines += [f"Study `{name}` on {data_source(facts)}: `{study['command']}` at commit "
-              f"{study['commit'][:7]}, {study['date']} (studies/{name}/).", "",
-              "| model | answer NLL (mean ± SD over seeds) |", "|---|---|"]
+              f"{study['commit'][:7]}, {study['date']} (studies/{name}/).", ""]
+    if validation:
+        lines += ["| model | answer NLL (mean ± SD over seeds) | validation NLL at the chosen "
+                  "step (mean ± SD) | chosen steps |", "|---|---|---|---|"]
+    else:
+        lines += ["| model | answer NLL (mean ± SD over seeds) |", "|---|---|"]
     for label, model in summary["models"].items():
-        nll = model["nll"]
-        spread = "" if nll["std"] is None else f" ± {nll['std']:.4f}"
         kind = "teacher: " if model["kind"] == "teacher" else ""
-        lines.append(f"| {kind}{label} | {nll['mean']:.4f}{spread} |")
+        row = f"| {kind}{label} | {_mean_sd(model['nll'])} |"
+        if validation:
+            chosen = validation.get(label)
+            row += (" — | — |" if not chosen else
+                    f" {_mean_sd(spread_over_seeds(chosen['nll']))} | "
+                    f"{', '.join(map(str, chosen['steps']))} |")
+        lines.append(row)
     lines += ["", "| difference | seeds | answer NLL [95 % CI, headline] | p | "
                   "two-level bootstrap CI | gap recovered |", "|---|---|---|---|---|---|"]
     pairs = [(arm, summary["control"], entry) for arm, entry in summary["comparisons"].items()]

@@ -56,7 +56,7 @@ def _pooled(recs, key):
     return values, np.tile(np.arange(len(ids)), len(recs))
 
 
-def _spread(values):
+def spread_over_seeds(values):
     """Mean and sample std over seeds; std is None with one seed (no spread to report)."""
     values = np.asarray(values, dtype=np.float64)
     std = float(values.std(ddof=1)) if len(values) > 1 else None
@@ -72,8 +72,8 @@ def _kv_scores(label, recs, key):
     if not all(present):
         return None, None
     teachers = recs[0][key]["per_teacher"]
-    return (_spread([r[key]["overall"] for r in recs]),
-            {t: _spread([r[key]["per_teacher"][t] for r in recs]) for t in teachers})
+    return (spread_over_seeds([r[key]["overall"] for r in recs]),
+            {t: spread_over_seeds([r[key]["per_teacher"][t] for r in recs]) for t in teachers})
 
 
 def _grid(runs, seeds, ids, key):
@@ -113,7 +113,7 @@ def _models(rows, n_boot, seed):
         entry = {"kind": kind, "n_examples": len(recs[0]["per_example"]["id"])}
         for metric, key in (("accuracy", "correct"), ("nll", "nll")):
             values, groups = _pooled(recs, key)
-            entry[metric] = {**_spread([r[metric] for r in recs]),
+            entry[metric] = {**spread_over_seeds([r[metric] for r in recs]),
                              "ci": bootstrap_ci(values, groups, n_boot=n_boot, seed=seed)["ci"]}
         entry["heldout_cos"], entry["heldout_cos_per_teacher"] = _kv_scores(label, recs,
                                                                             "kv_cosine")
