@@ -332,36 +332,17 @@ def gradient_agreement(distiller, batch, ce_items, kv_items, held_out, held_out_
 
 def validation_weights(gradients, reference):
     """(weights, cosines), two `[n_teachers]` tensors, from each teacher's loss gradient and
-    the validation answer-CE gradient. A teacher whose gradient points away from the
-    validation gradient (cosine ≤ 0) gets 0 until it aligns again. The others' weights are
-    the non-negative combination of their gradients that points most along the validation
-    gradient, i.e. the projection of the reference onto the cone their gradients span
-    (non-negative least squares, scipy.optimize.nnls), scaled so that the largest weight is 1:
-    kv_weight, not the weighting, sets the scale, as it does for one teacher.
-
-    So a teacher counts only for what its gradient adds to the others' alignment. One that
-    points along the validation gradient, but less than and mostly with a better teacher
-    (Gemma beside the parent, README "Teachers of another shape"), would turn the combined step
-    away from it, and gets 0; the run then trains exactly as the better teacher alone would.
-    Weighting by each cosine alone cannot see that. A lone teacher gets 1 while its cosine is
-    positive; when none is, all get 0 and the arm trains on CE alone until one is."""
-    from scipy.optimize import nnls
-
+    the validation answer-CE gradient: weight = max(0, cosine) ÷ the largest such, so the
+    best-aligned teacher counts as much as it would alone and another counts by its alignment
+    relative to that one's. Normalising to sum to 1 instead (as fixed weights are) let a weaker
+    but positively aligned teacher shrink the best one's term (README, "Teachers of another
+    shape"). A run whose other teachers are switched off trains exactly as the one teacher alone would. A
+    teacher whose term points away from the validation gradient gets 0 until it aligns again;
+    when none points along it, all get 0 and the arm trains on CE alone until one does."""
     cosines = torch.tensor([gradient_cosine(grad, reference) for grad in gradients])
-    weights = torch.zeros(len(gradients))
-    along = [i for i, cosine in enumerate(cosines) if cosine > 0]
-    if not along:
-        return weights, cosines
-    stacked = torch.stack([gradients[i] for i in along]).double()
-    # min_w |stackedᵀw − reference|² through the Gram matrix: with its Cholesky factor L it is
-    # the n×n problem |Lᵀw − L⁻¹·stacked·reference|² (the gradients are too long to hand over).
-    gram = stacked @ stacked.T
-    gram += 1e-12 * gram.diagonal().mean() * torch.eye(len(along), dtype=gram.dtype)
-    factor = torch.linalg.cholesky(gram)
-    target = torch.linalg.solve_triangular(factor, (stacked @ reference.double())[:, None],
-                                           upper=False)[:, 0]
-    weights[along] = torch.from_numpy(nnls(factor.T.numpy(), target.numpy())[0]).float()
-    return weights / weights.max(), cosines
+    positive = cosines.clamp_min(0)
+    best = positive.max()
+    return (positive / best if best > 0 else positive), cosines
 
 
 def validation_weighting(distiller, batches, ce_items, kv_items, kd_items, validation_batches,

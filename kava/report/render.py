@@ -147,12 +147,11 @@ def _teacher_weighting_blocks(facts):
         return []
     return [{"kind": "heading", "text": "Teacher weights set on the validation rows"},
             {"kind": "text", "text": (
-                "train.teacher_weighting validation: every teacher_weighting_every steps the "
-                "teacher weights were set to the non-negative combination of the teachers' loss "
-                "gradients on the step's batch that points most along the answer-CE gradient on "
-                "the validation rows (non-negative least squares), the largest scaled to 1. A "
-                "teacher at 0 added nothing to the others' alignment (or pointed away) at that "
-                "update; when none pointed along it the run trained on CE alone.")},
+                "train.teacher_weighting validation: every teacher_weighting_every steps each "
+                "teacher's weight was set ∝ max(0, cosine) between its loss gradient on the "
+                "step's batch and the answer-CE gradient on the validation rows, divided by the "
+                "largest (the best-aligned teacher counts 1, as alone). A teacher at 0 was switched off until its cosine turned positive; "
+                "when no cosine was positive the run trained on CE alone.")},
             {"kind": "table", "header": ["arm", "seed", "teacher", "mean weight", "final weight",
                                          "steps switched off", "mean cosine",
                                          "step: weight"],
