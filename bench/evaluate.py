@@ -5,7 +5,7 @@ its one-off equivalent:
 - answer NLL: kava.evaluate.answer_nll (fp32, left-padded, logits only for the answer) against
   one plain batched forward per batch with the tokenizer's own left padding and full logits;
 - the noise check: answer_nll one example at a time on eval.noise_examples rows, as the stage
-  does now, and on every row, as it did before;
+  does now (once per run, in the init job), and on every row, as every job did before;
 - generation: kava.evaluate.generate_answers on eval.generate_examples rows against a plain
   batched greedy `generate` with a KV cache and `stop_strings` only.
 With `--baseline-repo DIR --stage-args '...'` it also times the whole stage

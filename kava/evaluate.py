@@ -7,6 +7,7 @@ evaluations of the same model on the same rows agree to the token.
 
 import hashlib
 import json
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kava.answers import ANSWER_LINE, extract_answer, is_correct
 from kava.batching import eos_ids, pad_id
+from kava.capture import capturing_kv, decoder_layers
 from kava.errors import KavaError
 from kava.kvstore import KVStore, open_teacher_store
 
@@ -128,9 +130,14 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop
 
 
 @torch.inference_mode()
-def answer_nll(model, tokenizer, prompts, answers, batch_size):
+def answer_nll(model, tokenizer, prompts, answers, batch_size, key_space=None):
     """Per example, the mean negative log-likelihood (nats/token) of the reference answer given
     the prompt, teacher-forced.
+
+    With `key_space` (kava.capture's), also each example's K and V at every layer from the same
+    forward: returns (nlls, [{"input_ids": `[T]`, "kv": [(k, v) `[T, H, D]` per layer]}]), prompt
+    then answer tokens, pads dropped. The held-out KV probe reads them (kava.kvfit) instead of
+    running the student over the same test rows a second time.
 
     Boundary: prompt and answer are tokenised separately (the prompt with the tokenizer's special
     tokens, e.g. BOS; the answer without) and the ids concatenated. The scored tokens are then
@@ -154,6 +161,8 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
             empty = "prompt" if not p else "answer"
             raise KavaError(f"row {row}: empty {empty} after tokenisation")
     nlls = [None] * len(prompts)
+    captured = [None] * len(prompts)
+    layers = range(len(decoder_layers(model)))
     lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     with tqdm(total=len(prompts), desc="answer nll", unit="ex") as progress:
         for batch in _batches(lengths, batch_size):
@@ -161,10 +170,19 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
                                              pad, model.device)
             answer_lengths = [len(answer_ids[i]) for i in batch]
             longest = max(answer_lengths)
-            # Logits at column t predict the token at t + 1: keep the last longest + 1 columns and
-            # drop the final one, which predicts past the end.
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=longest + 1).logits[:, :-1].float()
+            with (capturing_kv(model, layers, key_space) if key_space
+                  else nullcontext(({}, None))) as (forward_args, kv):
+                # Logits at column t predict the token at t + 1: keep the last longest + 1
+                # columns and drop the final one, which predicts past the end.
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               logits_to_keep=longest + 1, **forward_args).logits[:, :-1].float()
+            for row, i in enumerate(batch if key_space else ()):
+                # Left-padded: the example is the last `width` columns. Kept in host memory:
+                # every test row's KV at once may not fit beside the model on an accelerator.
+                width = lengths[i]
+                captured[i] = {"input_ids": ids[row, -width:].cpu(),
+                               "kv": [(kv[layer][0][row, -width:].cpu(),
+                                       kv[layer][1][row, -width:].cpu()) for layer in layers]}
             targets = ids[:, -longest:]
             first_answer_column = longest - torch.tensor(answer_lengths, device=ids.device)
             is_answer = torch.arange(longest, device=ids.device) >= first_answer_column[:, None]
@@ -173,7 +191,7 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size):
             for i, row_nll in zip(batch, token_nll.split(answer_lengths)):
                 nlls[i] = row_nll.mean().item()
             progress.update(len(batch))
-    return nlls
+    return (nlls, captured) if key_space else nlls
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -245,7 +263,8 @@ def teacher_stores(manifests, teachers, train_info):
 
 
 def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_manifests,
-               test_manifests, train_rows, test_rows, max_length, batch_size, probe_ridge):
+               test_manifests, train_rows, test_rows, max_length, batch_size, probe_ridge,
+               test_kv=None):
     """A trained student's held-out KV match on the test split: "cosine", the raw cosine
     through its projectors as training compared them (kava.kvfit.kv_cosine), for the teachers it
     learned from; and "r2", the R² of a ridge probe fitted on the train split over the
@@ -253,7 +272,8 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     (probe_layer_maps). Each {"overall", "per_teacher", "per_layer"}.
 
     projectors: {teacher: KVProjector} as trained; train_info: the run's train.json (key space,
-    time alignment, layer maps)."""
+    time alignment, layer maps); test_kv: the student's own K, V on the test rows where already
+    computed (answer_nll with the key space), read instead of a second forward."""
     from kava.kvfit import heldout_scores
 
     device = next(student.parameters()).device
@@ -270,7 +290,7 @@ def heldout_kv(student, tokenizer, projectors, train_info, probe_maps, train_man
     return heldout_scores(student, tokenizer, projectors, train_stores, test_stores, probe_maps,
                           train_rows, test_rows, max_length, batch_size, probe_ridge,
                           key_space=train_info["key_space"],
-                          time_alignment=train_info["config"]["time_alignment"])
+                          time_alignment=train_info["config"]["time_alignment"], test_kv=test_kv)
 
 
 def prediction_lines(record, questions):

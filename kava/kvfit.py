@@ -21,10 +21,31 @@ from kava.losses import masked_cosine
 from kava.projector import compared_pairs, ridge_solution
 
 
+def _known_kv(known, students, width, device):
+    """The students' KV per layer, `[B, width, H, D]` right-padded with zeros (padding is masked
+    everywhere), from `known` (answer_nll's capture, one per student); None unless every one
+    holds exactly the student's tokens (the probe's tokenisation, cut at max_length)."""
+    if any(k is None or len(k["input_ids"]) < len(s["input_ids"])
+           or not torch.equal(k["input_ids"][:len(s["input_ids"])], s["input_ids"])
+           for k, s in zip(known, students)):
+        return None
+
+    def padded(layer, which):
+        rows = [k["kv"][layer][which][:len(s["input_ids"])] for k, s in zip(known, students)]
+        out = rows[0].new_zeros((len(rows), width, *rows[0].shape[1:]))
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = row
+        return out.to(device)
+
+    return [(padded(layer, 0), padded(layer, 1)) for layer in range(len(known[0]["kv"]))]
+
+
 def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_size, key_space,
-                    time_alignment):
+                    time_alignment, known_kv=None):
     """(student KV per layer, batch) over `rows` in batches: the student's KV without gradients
-    and each teacher's stored KV of `layers[teacher]` aligned to the student's tokens."""
+    and each teacher's stored KV of `layers[teacher]` aligned to the student's tokens.
+    known_kv: per row, the student's KV from a forward already run over it (answer_nll's
+    capture), used where its tokens are the row's; a forward otherwise."""
     device = next(student.parameters()).device
     for start in range(0, len(rows), batch_size):
         students = [student_example(tokenizer, row, max_length)
@@ -33,8 +54,11 @@ def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_
                      for name, store in stores.items()}
         teachers = teacher_inputs(stores, positions, range(len(students)), layers)
         batch = collate(students, teachers, pad_id(tokenizer), time_alignment).to(device)
-        with torch.no_grad():
-            _, student_kv = student_forward(student, batch, key_space)
+        student_kv = known_kv and _known_kv(known_kv[start:start + batch_size], students,
+                                            batch.input_ids.shape[1], device)
+        if not student_kv:
+            with torch.no_grad():
+                _, student_kv = student_forward(student, batch, key_space)
         yield student_kv, batch
 
 
@@ -98,10 +122,10 @@ class _ProbeTokens:
 
 
 def _collect(accumulators, student, stores, layers, rows, tokenizer, max_length, batch_size,
-             key_space, time_alignment):
+             key_space, time_alignment, known_kv=None):
     """One pass over `rows` (aligned_batches), every batch given to each accumulator."""
     for student_kv, batch in aligned_batches(student, stores, layers, rows, tokenizer, max_length,
-                                             batch_size, key_space, time_alignment):
+                                             batch_size, key_space, time_alignment, known_kv):
         for accumulator in accumulators:
             accumulator.add(student_kv, batch)
     return accumulators
@@ -170,17 +194,19 @@ def kv_probe_r2(student, tokenizer, train_stores, test_stores, layer_maps, train
 @torch.no_grad()
 def heldout_scores(student, tokenizer, projectors, train_stores, test_stores, layer_maps,
                    train_rows, test_rows, max_length, batch_size, ridge, key_space,
-                   time_alignment):
+                   time_alignment, test_kv=None):
     """{"cosine": kv_cosine on the projectors' teachers, "r2": kv_probe_r2 on every teacher of
     `layer_maps`}, with one pass of the student over the test rows for both (the evaluation's
-    held-out KV fit; two passes were a sizeable part of an evaluation's time)."""
+    held-out KV fit; two passes were a sizeable part of an evaluation's time), or none where
+    `test_kv` (aligned_batches' known_kv) already holds the student's KV of a row."""
     args = (max_length, batch_size, key_space, time_alignment)
     fit = _probe_fit(student, tokenizer, train_stores, layer_maps, train_rows, *args)
     layers = {name: sorted((set(layer_maps[name]) | set(projectors[name].layer_map
                                                         if name in projectors else ())) - {None})
               for name in layer_maps}
     cosines, held_out = _collect([_Cosines(student, projectors), _ProbeTokens(layer_maps)],
-                                 student, test_stores, layers, test_rows, tokenizer, *args)
+                                 student, test_stores, layers, test_rows, tokenizer, *args,
+                                 known_kv=test_kv)
     return {"cosine": cosines.scores(),
             "r2": _probe_r2(fit, held_out.tensors(), layer_maps, ridge)}
 

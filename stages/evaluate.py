@@ -8,8 +8,8 @@ train- and test-split manifests for the held-out KV cosine and probe R², the st
 and every teacher's dims for the probe's layer maps).
 
 Answer NLL is computed in fp32 whatever eval.dtype says: rounding the weights to bf16 adds
-per-example noise larger than the difference between two trained arms. Generation runs in
-eval.dtype."""
+per-example noise larger than the difference between two trained arms; `--noise-check` (the
+init job) measures what noise is left. Generation runs in eval.dtype."""
 
 import json
 
@@ -39,26 +39,32 @@ def main(args):
     device = job_device()
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
     model = load_model(card, dtype=torch.float32, device=device)
-    nlls = answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"])
+    train_info = read_json(args.train_info) if args.projector else None
+    if train_info:  # the probe reads the student's test-row KV from the NLL's own forward
+        nlls, test_kv = answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"],
+                                   key_space=train_info["key_space"])
+    else:
+        nlls = answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"])
     kv = noise = None
-    if args.projector:
+    if args.noise_check:
         # The evaluation's own numerical noise: the same fp32 NLL computed one example at a
         # time (other padding, other kernels) differs from the batched one by this much.
         checked = min(cfg["noise_examples"], len(rows))
         alone = answer_nll(model, tokenizer, prompts[:checked], answers[:checked], 1)
         gaps = [abs(a - b) for a, b in zip(nlls, alone)]
         noise = {"max_abs": max(gaps), "mean_abs": sum(gaps) / len(gaps), "examples": checked}
+    if train_info:
         train_rows = render_rows(read_split(args.train_data, ("id", "question", "answer"), 0,
                                             cfg["probe_examples"]),
                                  tokenizer, args.prompt_format, card["name"])
-        train_info = read_json(args.train_info)
         probe_maps = probe_layer_maps(
             train_info, model.config.num_hidden_layers,
             {dims["model"]: dims for dims in map(read_json, args.teacher_dims)},
             read_json(args.student_card))
         kv = heldout_kv(model, tokenizer, load_projectors(args.projector), train_info, probe_maps,
                         args.train_manifests, args.manifests,
-                        train_rows, rows, args.max_length, cfg["batch_size"], cfg["probe_ridge"])
+                        train_rows, rows, args.max_length, cfg["batch_size"], cfg["probe_ridge"],
+                        test_kv)
     if card["quantize"] == "none":
         model.to(dtype)
     else:  # 4-bit weights cannot be cast: load them again with the generation dtype.
@@ -86,6 +92,10 @@ def main(args):
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     add_model_arguments(parser)
+    parser.add_argument("--noise-check", action="store_true",
+                        help="also compute eval.noise_examples rows' NLL one at a time: the "
+                        "evaluation's own numerical noise, measured once per run on the student "
+                        "before training (every arm's architecture and kernels)")
     parser.add_argument("--projector", help="the trained student's projectors")
     parser.add_argument("--train-info", help="the trained student's train.json")
     parser.add_argument("--manifests", nargs="*", default=[],

@@ -56,11 +56,15 @@ def test_evaluate_stage_on_a_split_smaller_than_the_batch(tiny_card, tmp_path):
     (tmp_path / "card.json").write_text(json.dumps(card))
     rows = prepared_rows(3)  # batch_size 8
     write_split(rows, tmp_path / "test.parquet")
-    result, out = evaluate(tmp_path, ["--card", tmp_path / "card.json"], tmp_path / "test.parquet")
+    result, out = evaluate(tmp_path, ["--card", tmp_path / "card.json", "--noise-check"],
+                           tmp_path / "test.parquet")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "m.json").read_text())
     assert record["n"] == 3 and record["kv_cosine"] is None and record["kv_r2"] is None
-    assert record["nll_noise"] is None  # measured for trained students only
+    # --noise-check (the init job's): the batched NLL against each example alone.
+    assert 0 <= record["nll_noise"]["max_abs"] < 1e-3
+    assert record["nll_noise"]["mean_abs"] <= record["nll_noise"]["max_abs"]
+    assert record["nll_noise"]["examples"] == 3
     assert record["per_example"]["id"] == [row["id"] for row in rows]
     assert record["settings"]["dtype"] == "fp32" and record["model"]["name"] == card["name"]
     assert record["settings"]["nll_dtype"] == "fp32"
@@ -144,14 +148,15 @@ def train_info(card):
                 "layer_map": list(range(card["num_layers"]))}}}
 
 
-def heldout(student_card, teacher_card, splits, projector, ridge=1e-6):
+def heldout(student_card, teacher_card, splits, projector, ridge=1e-6, test_kv=None,
+            max_length=1024):
     model, tokenizer = load_model(student_card), load_tokenizer(student_card["dir"])
     (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
     info = train_info(teacher_card)
     probe_maps = {teacher_card["name"]: info["teachers"][teacher_card["name"]]["layer_map"]}
     return heldout_kv(model, tokenizer, {teacher_card["name"]: projector}, info, probe_maps,
-                      [train_manifest], [test_manifest], train_rows, test_rows, max_length=1024,
-                      batch_size=2, probe_ridge=ridge)
+                      [train_manifest], [test_manifest], train_rows, test_rows,
+                      max_length=max_length, batch_size=2, probe_ridge=ridge, test_kv=test_kv)
 
 
 @pytest.mark.parametrize("direction", ["student_to_teacher", "teacher_to_student"])
@@ -225,6 +230,42 @@ def test_heldout_one_pass_equals_the_cosine_and_probe_alone(self_store, tiny_car
     assert r2["overall"] < 0.99  # another student: a probe that can fail
 
 
+@pytest.mark.parametrize("max_length", [1024, 24])
+def test_heldout_kv_reads_the_nll_forwards_kv_instead_of_its_own(self_store, tiny_card,
+                                                                  monkeypatch, max_length):
+    """The evaluate stage hands the probe the student's test-row KV from the answer NLL's
+    forward (left-padded, never truncated): the same scores as the probe's own forward
+    (right-padded, cut at max_length), with no student forward over the test rows; the NLL is
+    the one answer_nll gives without capturing. A row whose tokens differ is forwarded."""
+    import kava.kvfit
+    from kava.evaluate import answer_nll, at_word_boundary
+
+    card, splits = self_store
+    other = tiny_card("llama", seed=1)
+    projector = KVProjector(list(range(card["num_layers"])), SHAPE, SHAPE, kind="linear",
+                            hidden=512, direction="teacher_to_student")
+    model, tokenizer = load_model(other), load_tokenizer(other["dir"])
+    test_rows = splits["test"][0]
+    prompts, answers = zip(*(at_word_boundary(r["prompt"], r["answer"]) for r in test_rows))
+    nlls, test_kv = answer_nll(model, tokenizer, prompts, answers, 2, key_space="pre_rope")
+    assert nlls == answer_nll(model, tokenizer, prompts, answers, 2)
+    own = heldout(other, card, splits, projector, max_length=max_length)
+    forwards = []
+    forward = kava.kvfit.student_forward
+    monkeypatch.setattr(kava.kvfit, "student_forward",
+                        lambda model, batch, *a: forwards.append(len(batch.input_ids))
+                        or forward(model, batch, *a))
+    shared = heldout(other, card, splits, projector, test_kv=test_kv, max_length=max_length)
+    assert forwards == [2] * 5  # the 10 train rows only
+    for name in ("cosine", "r2"):
+        assert shared[name]["per_layer"][card["name"]] == pytest.approx(
+            own[name]["per_layer"][card["name"]], abs=1e-5)
+    forwards.clear()
+    test_kv[4] = {**test_kv[4], "input_ids": test_kv[4]["input_ids"].flip(0)}
+    heldout(other, card, splits, projector, test_kv=test_kv, max_length=max_length)
+    assert forwards == [2] * 5 + [1]  # the last test batch, row 4 alone, is forwarded
+
+
 def test_heldout_kv_refuses_a_store_of_other_weights(self_store):
     card, splits = self_store
     other = {**card, "weights_sha256": "0" * 64}
@@ -236,7 +277,7 @@ def test_heldout_kv_refuses_a_store_of_other_weights(self_store):
 
 def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
     """--model-dir with its projectors, train.json and both splits' stores: the record carries
-    the held-out raw cosine and probe R², and the NLL's batched-vs-single noise."""
+    the held-out raw cosine and probe R² (the noise check is the init job's)."""
     card, splits = self_store
     (train_rows, train_manifest), (test_rows, test_manifest) = splits["train"], splits["test"]
     write_split(train_rows, tmp_path / "train.parquet")
@@ -262,9 +303,7 @@ def test_evaluate_stage_on_a_trained_student(self_store, tmp_path):
     assert record["kv_cosine"]["overall"] == pytest.approx(1, abs=1e-4)
     assert record["kv_r2"]["overall"] == pytest.approx(1, abs=1e-4)
     assert list(record["kv_r2"]["per_teacher"]) == [card["name"]]
-    assert 0 <= record["nll_noise"]["max_abs"] < 1e-3
-    assert record["nll_noise"]["mean_abs"] <= record["nll_noise"]["max_abs"]
-    assert record["nll_noise"]["examples"] == 3  # eval.noise_examples of the 5
+    assert record["nll_noise"] is None
     # generate_examples 2: NLL of all 5 examples, accuracy of the first 2.
     assert len(record["per_example"]["nll"]) == 5 and len(record["per_example"]["correct"]) == 2
     assert "probe R²" in result.stdout

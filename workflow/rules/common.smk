@@ -218,10 +218,11 @@ EVALUATED = evaluated_models()
 
 
 def model_args(wildcards, input):
-    """--card for init and teachers; a trained student's folder, projectors, train.json, the
+    """--card for init and teachers, and for init the noise check, the evaluation's own
+    numerical noise, once per run; a trained student's folder, projectors, train.json, the
     train split and the teachers' train- and test-split manifests for an arm."""
     if input.get("card"):
-        return path_arg("--card", input.card)
+        return path_arg("--card", input.card) + (" --noise-check" if wildcards.evaluated == "init" else "")
     return " ".join(path_arg(flag, input.get(key)) for flag, key in (
         ("--model-dir", "model_dir"), ("--projector", "projector"), ("--train-info", "train_info"),
         ("--manifests", "manifests"), ("--train-manifests", "train_manifests"),
