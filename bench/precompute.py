@@ -7,6 +7,8 @@ For each teacher, over the same rows and the same length-sorted batches, alterna
 Both count the same real (unpadded) tokens. Model loading is outside both. Goal: the ratio of
 precompute to forward tokens/s >= 0.95. `--layers mapped` (the default, as precompute.layers)
 stores the layers the default student's auto layer map reads; `all` stores every layer.
+Give one --card per invocation to measure a teacher as its precompute job runs it, alone in its
+process: a teacher measured after another in the same process came out about 5 % slower.
 `--dtype pca` (the default, as precompute.dtype) fits its basis on the same rows first, outside
 the timing: that is stage kv_basis's work, once per teacher, not per shard.
 
