@@ -164,7 +164,9 @@ def pad_id(tokenizer, model=None):
     return 0
 
 
-def _pad(rows, value, length):
+def right_pad(rows, value, length):
+    """`rows` (tensors of different lengths along dim 0) stacked into one `[B, length, ...]`
+    tensor, each row at the start and `value` after it."""
     out = torch.full((len(rows), length, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
@@ -179,16 +181,17 @@ def collate(students, teachers, pad_id, mode, kd_teachers=None):
     length = max(len(s["input_ids"]) for s in students)
     ids = [s["input_ids"] for s in students]
     batch = Batch(
-        input_ids=_pad(ids, pad_id, length),
-        attention_mask=_pad([torch.ones_like(i) for i in ids], 0, length),
-        labels=_pad([s["labels"] for s in students], IGNORE_INDEX, length),
+        input_ids=right_pad(ids, pad_id, length),
+        attention_mask=right_pad([torch.ones_like(i) for i in ids], 0, length),
+        labels=right_pad([s["labels"] for s in students], IGNORE_INDEX, length),
     )
     for name, (examples, layers, kv_shape) in teachers.items():
         aligned = [align_teacher(s, t, layers, mode, kv_shape) for s, t in zip(students, examples)]
-        kv = {layer: tuple(_pad([a[layer][i] for a, _ in aligned], 0.0, length) for i in (0, 1))
+        kv = {layer: tuple(right_pad([a[layer][i] for a, _ in aligned], 0.0, length)
+                           for i in (0, 1))
               for layer in layers}
-        batch.teachers[name] = TeacherTargets(kv, _pad([valid for _, valid in aligned], False,
-                                                       length))
+        batch.teachers[name] = TeacherTargets(
+            kv, right_pad([valid for _, valid in aligned], False, length))
         if kd_teachers and name in kd_teachers:
             targets = batch.teachers[name]
             targets.kd_kind = kd_teachers[name]
@@ -230,8 +233,8 @@ def _stored_logits(examples, students, length, kind):
         rows = [t[name][index] if t is not None else
                 torch.zeros(len(s["input_ids"]), *like.shape[1:], dtype=like.dtype)
                 for t, s, (index, _) in zip(examples, students, pairs)]
-        logits[name] = _pad(rows, 0, length)
-    return logits, _pad([mask for _, mask in pairs], False, length)
+        logits[name] = right_pad(rows, 0, length)
+    return logits, right_pad([mask for _, mask in pairs], False, length)
 
 
 def _epoch_seed(seed, epoch):

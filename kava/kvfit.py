@@ -12,8 +12,8 @@ teacher information than a constant; 1 means it determines the teacher's KV.
 
 import torch
 
-from kava.batching import (align_teacher, collate, pad_id, shared_key_space, store_positions,
-                           student_example, teacher_inputs)
+from kava.batching import (align_teacher, collate, pad_id, right_pad, shared_key_space,
+                           store_positions, student_example, teacher_inputs)
 from kava.capture import decoder_layers, forward_kv, student_forward
 from kava.errors import KavaError
 from kava.layer_maps import cka_layer_map
@@ -31,11 +31,8 @@ def _known_kv(known, students, width, device):
         return None
 
     def padded(layer, which):
-        rows = [k["kv"][layer][which][:len(s["input_ids"])] for k, s in zip(known, students)]
-        out = rows[0].new_zeros((len(rows), width, *rows[0].shape[1:]))
-        for i, row in enumerate(rows):
-            out[i, :len(row)] = row
-        return out.to(device)
+        return right_pad([k["kv"][layer][which][:len(s["input_ids"])]
+                     for k, s in zip(known, students)], 0.0, width).to(device)
 
     return [(padded(layer, 0), padded(layer, 1)) for layer in range(len(known[0]["kv"]))]
 

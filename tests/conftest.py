@@ -64,7 +64,8 @@ def real_cards(tmp_path_factory):
     specs = {}
     for path in sorted((PROJECT / "config").glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
-        specs.update({name: config["models"][name] for name in config["teachers"]
+        # An overlay such as five_seeds.yaml, given after a study's config, names no teachers.
+        specs.update({name: config["models"][name] for name in config.get("teachers", ())
                       if "gguf" in config["models"][name]})
     root = Path(os.environ.get("KAVA_TEST_MODELS") or tmp_path_factory.mktemp("real"))
     cards = {}

@@ -222,7 +222,8 @@ def model_args(wildcards, input):
     numerical noise, once per run; a trained student's folder, projectors, train.json, the
     train split and the teachers' train- and test-split manifests for an arm."""
     if input.get("card"):
-        return path_arg("--card", input.card) + (" --noise-check" if wildcards.evaluated == "init" else "")
+        noise_check = " --noise-check" if wildcards.evaluated == "init" else ""
+        return path_arg("--card", input.card) + noise_check
     return " ".join(path_arg(flag, input.get(key)) for flag, key in (
         ("--model-dir", "model_dir"), ("--projector", "projector"), ("--train-info", "train_info"),
         ("--manifests", "manifests"), ("--train-manifests", "train_manifests"),
