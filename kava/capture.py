@@ -1,4 +1,5 @@
-"""Capture a decoder's per-layer K and V from one forward pass, without the lm_head.
+"""Capture a decoder's per-layer K and V from one forward pass, with the lm_head run only
+where logits are read.
 
 Layout of everything returned: `[B, T, H_kv, D]`.
 
@@ -13,12 +14,16 @@ Layout of everything returned: `[B, T, H_kv, D]`.
 forward_kv stops the forward once the last requested layer's K and V exist: that layer's
 attention output and MLP, any later layers and the final norm would be computed for nothing.
 forward_kv_logits, for a teacher whose logits are stored too, runs the whole model.
+student_forward, the training forward, runs the lm_head only at the positions its losses read.
 """
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from kava.batching import IGNORE_INDEX
 from kava.config import schema_enum
 from kava.errors import KavaError
 
@@ -155,21 +160,66 @@ def _capture(model, input_ids, attention_mask, layers, key_space, logits):
     return kv, output.logits if logits else None
 
 
-def student_forward(model, batch, key_space, ce_items=None):
-    """One student forward: the model's outputs (with the answer CE when batch.labels is set)
-    and its K, V per layer, `[B, T, H, D]`, in the store's key space, with autograd.
+class PositionLogits:
+    """The LM head's logits at some positions of a `[B, T]` batch only: indexed with a `[B, T]`
+    bool mask of computed positions, it gives the `[n, V]` rows a full `[B, T, V]` logits tensor
+    would, so the losses read it as they would read that tensor."""
 
-    ce_items: answer tokens of the whole (accumulated, all-GPU) batch: the CE is this
-    micro-batch's summed token loss divided by it, so micro-batches weigh by tokens."""
+    def __init__(self, values, computed):
+        self.values = values  # [n computed, V]
+        self.index = torch.full(computed.shape, -1, dtype=torch.long, device=computed.device)
+        self.index[computed] = torch.arange(int(computed.sum()), device=computed.device)
+
+    def __getitem__(self, mask):
+        rows = self.index[mask]
+        if bool((rows < 0).any()):
+            raise KavaError("logits read at a position the LM head was not run on")
+        return self.values[rows]
+
+
+def head_logits(model, hidden):
+    """The causal LM's own head on hidden states `[..., H]`: its output embedding, then the
+    final logit soft-capping of the families that have it (gemma3), as its forward applies."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@dataclass
+class StudentOutputs:
+    ce: torch.Tensor | None   # this micro-batch's share of the step's answer CE, or None
+    logits: PositionLogits    # at the answer-CE positions and every `logit_masks` position
+    kv: list                  # per layer (K, V), [B, T, H, D]
+
+
+def student_forward(model, batch, key_space, ce_items=None, logit_masks=()):
+    """One student forward with autograd: its K, V per layer in the store's key space, the
+    answer CE when `ce_items` is given, and its logits where the losses read them.
+
+    The LM head runs only at the positions a loss reads (the answer tokens' predictors, each of
+    `logit_masks` `[B, T]`), not over prompts and padding: it is as large as the rest of a
+    small student, so this is most of a step's saving. ce_items: answer tokens of the whole
+    (accumulated, all-GPU) batch; the CE is this micro-batch's summed token loss divided by it
+    (transformers' causal-LM loss with num_items_in_batch), so micro-batches weigh by tokens."""
     layers = range(len(decoder_layers(model)))
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if ce_items is not None:
-        kwargs.update(labels=batch.labels, num_items_in_batch=max(int(ce_items), 1))
-    else:
-        kwargs["logits_to_keep"] = 1  # no CE: skip the LM head over the whole sequence
     with capturing_kv(model, layers, key_space) as (forward_args, kv):
-        outputs = model(**kwargs, **forward_args)
-    return outputs, [kv[i] for i in layers]
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             **forward_args).last_hidden_state
+    masks = list(logit_masks)
+    if ce_items is not None:
+        # The logits at column t predict the token at t + 1.
+        targets = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        ce_positions = targets.ne(IGNORE_INDEX)
+        masks.append(ce_positions)
+    computed = (torch.stack(masks).any(dim=0) if masks
+                else torch.zeros(batch.input_ids.shape, dtype=torch.bool,
+                                 device=batch.input_ids.device))
+    logits = PositionLogits(head_logits(model, hidden[computed]), computed)
+    ce = None
+    if ce_items is not None:
+        ce = F.cross_entropy(logits[ce_positions].float(), targets[ce_positions],
+                             reduction="sum") / max(int(ce_items), 1)
+    return StudentOutputs(ce, logits, [kv[i] for i in layers])
 
 
 def cache_kv(model, input_ids, attention_mask):

@@ -100,7 +100,9 @@ class Distiller(nn.Module):
         whole step}; n_micro: micro-batches this process runs in the step; kd_items: {KD
         teacher: distilled positions of the whole step}."""
         cfg = self.loss_cfg
-        outputs, student_kv = student_forward(self.student, batch, self.key_space, ce_items)
+        outputs = student_forward(self.student, batch, self.key_space, ce_items,
+                                  kd_masks(batch, kd_items))
+        student_kv = outputs.kv
         kv_on_student = cfg["kv_weight"] > 0
         if not kv_on_student:
             student_kv = [(k.detach(), v.detach()) for k, v in student_kv]
@@ -116,7 +118,7 @@ class Distiller(nn.Module):
         kv_term = self.teacher_mixture(kv_matrix, self.kv_layers)
         kv_coefficient = cfg["kv_weight"] if kv_on_student else float(cfg["probe_projector"])
         kd_term = self.kd_term(outputs.logits, batch, kd_items or {})
-        loss = (cfg["ce_weight"] * outputs.loss + kv_coefficient * kv_term
+        loss = (cfg["ce_weight"] * outputs.ce + kv_coefficient * kv_term
                 + cfg["kd_weight"] * kd_term)
         if (cfg["teacher_entropy_weight"]
                 and isinstance(self.teacher_mixture.logits, nn.Parameter)):
@@ -126,7 +128,7 @@ class Distiller(nn.Module):
             l2 = sum((p - p0).square().sum()
                      for p, p0 in zip(self.student.parameters(), self.init_params))
             loss = loss + cfg["l2_init_weight"] * l2 / n_micro
-        stats = {"ce": outputs.loss.detach(), "kv": kv_matrix.detach(), "kd": kd_term.detach(),
+        stats = {"ce": outputs.ce.detach(), "kv": kv_matrix.detach(), "kd": kd_term.detach(),
                  "cos": torch.stack(cosines, dim=1), "l2": l2.detach() / n_micro,
                  "tokens": batch.attention_mask.sum().to(kv_matrix.dtype)}
         return loss, stats
@@ -152,7 +154,7 @@ class Distiller(nn.Module):
         teacher switched off distils neither its KV nor its logits."""
         terms = self.kd_terms(logits, batch, kd_items)
         if not terms:
-            return torch.zeros((), device=logits.device)
+            return torch.zeros((), device=batch.input_ids.device)
         if self.teacher_mixture.mode == "validation":
             weights = self.teacher_mixture.weights()[0]
             return sum(weights[self.teachers.index(name)] * term for name, term in terms.items())
@@ -169,6 +171,11 @@ class Distiller(nn.Module):
                     and isinstance(self.teacher_mixture.logits, nn.Parameter)):
                 total = total - cfg["teacher_entropy_weight"] * self.teacher_mixture.entropy()
         return float(total)
+
+
+def kd_masks(batch, kd_items):
+    """The positions whose student logits the KD teachers of `kd_items` distil."""
+    return [batch.teachers[name].kd_mask for name in kd_items or {}]
 
 
 def kv_layers(exclude, n_layers):
@@ -241,7 +248,7 @@ def fit_ridge_projectors(distiller, batches, ridge):
         return
     pairs = {name: {} for name in ridge_teachers}
     for batch in batches:
-        _, student_kv = student_forward(distiller.student, batch, distiller.key_space)
+        student_kv = student_forward(distiller.student, batch, distiller.key_space).kv
         for name in ridge_teachers:
             projector, targets = distiller.projectors[name], batch.teachers[name]
             mask = targets.mask
@@ -277,8 +284,10 @@ def loss_terms(distiller, batch, ce_items, kv_items, kd_items=None):
     """{term: loss with autograd} of one micro-batch, each its share of the step's term and not
     yet weighted: "ce", "kv/<teacher>" for every teacher (whether or not the arm trains on it)
     and "kd/<teacher>" for each KD teacher in `kd_items`."""
-    outputs, student_kv = student_forward(distiller.student, batch, distiller.key_space, ce_items)
-    terms = {"ce": outputs.loss}
+    outputs = student_forward(distiller.student, batch, distiller.key_space, ce_items,
+                              kd_masks(batch, kd_items))
+    student_kv = outputs.kv
+    terms = {"ce": outputs.ce}
     for t, name in enumerate(distiller.teachers):
         targets = batch.teachers[name]
         pred, target = compared_pairs(distiller.projectors[name], student_kv, targets.kv)
@@ -310,7 +319,7 @@ def answer_ce_gradient(distiller, batches, ce_items):
     """The student's gradient (flattened) of the mean answer CE over `batches`, whose answer
     tokens number `ce_items` in all."""
     return student_gradients(distiller, batches, lambda batch: {"ce": student_forward(
-        distiller.student, batch, distiller.key_space, ce_items)[0].loss})["ce"]
+        distiller.student, batch, distiller.key_space, ce_items).ce})["ce"]
 
 
 def gradient_cosine(gradient, reference):

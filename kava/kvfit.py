@@ -55,7 +55,7 @@ def aligned_batches(student, stores, layers, rows, tokenizer, max_length, batch_
                                             batch.input_ids.shape[1], device)
         if not student_kv:
             with torch.no_grad():
-                _, student_kv = student_forward(student, batch, key_space)
+                student_kv = student_forward(student, batch, key_space).kv
         yield student_kv, batch
 
 

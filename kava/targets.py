@@ -44,7 +44,7 @@ def initial_student_kv(student, students, key_space, pad_id, batch_size):
     for start in range(0, len(students), batch_size):
         chunk = students[start:start + batch_size]
         # Right-padded and masked: a real token's KV does not depend on the padding after it.
-        _, kv = student_forward(student, collate(chunk, {}, pad_id, "auto"), key_space)
+        kv = student_forward(student, collate(chunk, {}, pad_id, "auto"), key_space).kv
         for b, s in enumerate(chunk):
             n = len(s["input_ids"])
             targets.append({"id": s["id"], "input_ids": s["input_ids"],

@@ -36,7 +36,7 @@ def test_self_targets_are_the_initial_students_own_kv(world):
     for i in (0, 7, 15):
         alone = collate([data.students[i]], {}, pad_id(data.tokenizer), "auto")
         with torch.no_grad():
-            _, own = student_forward(student, alone, data.key_space)
+            own = student_forward(student, alone, data.key_space).kv
         # As the loss reads them: a collated batch of the targets, aligned to the student.
         batch = collate([data.students[i]],
                         teacher_inputs(data.stores, data.positions, [i], data.used_layers),

@@ -259,11 +259,40 @@ def test_post_rope_capture_matches_the_cache(world):
     tokenizer = load_tokenizer(world["student"]["dir"])
     students = [student_example(tokenizer, world["rows"][0], 48)]
     batch = collate(students, {}, tokenizer.pad_token_id, "auto")
-    _, kv = student_forward(model, batch, "post_rope")
+    kv = student_forward(model, batch, "post_rope").kv
     expected = forward_kv(model, batch.input_ids, batch.attention_mask, range(4), "post_rope")
     for layer, (k, v) in enumerate(kv):
         torch.testing.assert_close(k, expected[layer][0])
         torch.testing.assert_close(v, expected[layer][1])
+
+
+@pytest.mark.parametrize("architecture, overrides", [
+    ("qwen3", {}), ("gemma3_text", {"final_logit_softcapping": 30.0})])
+def test_the_lm_head_run_at_the_read_positions_only_gives_the_full_forwards_ce_and_logits(
+        world, tiny_card, architecture, overrides):
+    """student_forward's answer CE, the logits it keeps and their gradients are transformers'
+    own full forward's (labels, num_items_in_batch), at those positions."""
+    card = tiny_card(architecture, **overrides)
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    students = [student_example(tokenizer, row, 48) for row in world["rows"][:3]]
+    batch = collate(students, {}, tokenizer.pad_token_id, "auto")
+    read = batch.attention_mask.bool() & (torch.arange(batch.input_ids.shape[1]) % 3 == 0)
+    model = load_model(card)
+    items = int(batch.labels[:, 1:].ne(IGNORE_INDEX).sum()) + 5  # as if other micro-batches
+    ours = student_forward(model, batch, "pre_rope", items, [read])
+    ours_loss = ours.ce + ours.logits[read].logsumexp(-1).mean()
+    ours_grads = torch.autograd.grad(ours_loss, list(model.parameters()))
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 labels=batch.labels, num_items_in_batch=items)
+    full_loss = full.loss + full.logits[read].logsumexp(-1).mean()
+    full_grads = torch.autograd.grad(full_loss, list(model.parameters()))
+    torch.testing.assert_close(ours.ce, full.loss)
+    torch.testing.assert_close(ours.logits[read], full.logits[read])
+    for ours_grad, full_grad in zip(ours_grads, full_grads):
+        torch.testing.assert_close(ours_grad, full_grad, rtol=1e-4, atol=1e-6)
+    assert ours.logits.values.shape[0] < batch.attention_mask.sum()  # prompts not run
+    with pytest.raises(KavaError, match="not run on"):
+        ours.logits[batch.attention_mask.bool()]
 
 
 def test_cka_layer_map_of_the_student_against_itself_is_the_identity(world, self_teacher):
