@@ -110,6 +110,28 @@ def test_study_config_plans_three_seeds_on_a_data_path(tmp_path):
     assert f"--env-data-path={tmp_path / 'gsm8k'}" in result.stdout
 
 
+def test_logits_are_stored_for_the_train_split_only(tmp_path):
+    """A KD arm reads its teachers' train-store logits; evaluation reads the test store's KV
+    only, so the test split's precompute stores none. (The shards, hence the precompute jobs,
+    are known once the prepare checkpoint has run.)"""
+    arms = tmp_path / "arms.yaml"
+    arms.write_text(yaml.safe_dump({"arms": {"ce": {"kv_weight": 0},
+                                             "kd": {"kv_weight": 0, "kd_weight": 1.0}}}))
+    env = {"KAVA_OUTPUT_PATH": str(tmp_path / "out")}
+    configs = ("--configfile", "config/smoke.yaml", str(arms))
+    prepared = snakemake("--profile", "profiles/local", "--until", "prepare", "--nolock",
+                         *configs, env=env)
+    assert prepared.returncode == 0, prepared.output[-3000:]
+    planned = snakemake("-n", "-p", "--profile", "profiles/local", "--nolock", *configs, env=env)
+    assert planned.returncode == 0, planned.output[-3000:]
+    commands = [line for line in planned.stdout.splitlines() if "stages.precompute" in line]
+    by_split = {split: [c for c in commands if f"--split {split} " in c]
+                for split in ("train", "test")}
+    assert by_split["train"] and by_split["test"]
+    assert all("--logits" in c for c in by_split["train"])
+    assert not any("--logits" in c for c in by_split["test"])
+
+
 # The smoke run also runs lm-evaluation-harness (issue 19's done-when); --config merges into the
 # smoke file's eval section. Every later call on its results passes the same config.
 SMOKE_CONFIG = ("--config", "eval={lm_eval: [gsm8k]}")

@@ -128,8 +128,9 @@ def student_card(wildcards):
 
 
 def logits_arguments(wildcards):
-    """--logits for a teacher whose logits an arm distils: only then are they stored."""
-    return "--logits" if wildcards.teacher in KD_TEACHERS else ""
+    """--logits for the train split of a teacher whose logits an arm distils: only there are
+    they read (evaluation reads the test split's KV only)."""
+    return "--logits" if wildcards.teacher in KD_TEACHERS and wildcards.split == "train" else ""
 
 
 def layer_arguments(wildcards, input):
