@@ -17,7 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kava.answers import ANSWER_LINE, extract_answer, is_correct
 from kava.batching import eos_ids, pad_id
-from kava.capture import capturing_kv, decoder_layers
+from kava.capture import capturing_kv, decoder_layers, head_logits
 from kava.errors import KavaError
 from kava.kvstore import KVStore, open_teacher_store
 
@@ -145,9 +145,10 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size, key_space=None):
     `prompt + answer` jointly could merge a token across the boundary and make "the answer tokens"
     ill-defined.
 
-    Rows are left-padded, so every answer ends in the last column and only the last
-    (longest answer + 1) positions need logits: with a 262k vocabulary the full logits would
-    dominate memory. Pads and prompt tokens never enter the mean."""
+    Rows are left-padded, so every answer ends in the last column. The LM head runs only on the
+    positions that predict an answer token: with a 262k vocabulary the full logits would
+    dominate memory, and at any vocabulary the head costs as much as a small model's body.
+    Pads and prompt tokens never enter the mean."""
     if len(prompts) != len(answers):
         raise KavaError(f"{len(prompts)} prompts but {len(answers)} answers")
     if not prompts:
@@ -172,10 +173,8 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size, key_space=None):
             longest = max(answer_lengths)
             with (capturing_kv(model, layers, key_space) if key_space
                   else nullcontext(({}, None))) as (forward_args, kv):
-                # Logits at column t predict the token at t + 1: keep the last longest + 1
-                # columns and drop the final one, which predicts past the end.
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               logits_to_keep=longest + 1, **forward_args).logits[:, :-1].float()
+                hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     **forward_args).last_hidden_state
             for row, i in enumerate(batch if key_space else ()):
                 # Left-padded: the example is the last `width` columns. Kept in host memory:
                 # every test row's KV at once may not fit beside the model on an accelerator.
@@ -186,8 +185,11 @@ def answer_nll(model, tokenizer, prompts, answers, batch_size, key_space=None):
             targets = ids[:, -longest:]
             first_answer_column = longest - torch.tensor(answer_lengths, device=ids.device)
             is_answer = torch.arange(longest, device=ids.device) >= first_answer_column[:, None]
-            # Select answer positions before the softmax: pad positions may hold non-finite logits.
-            token_nll = F.cross_entropy(logits[is_answer], targets[is_answer], reduction="none")
+            # The hidden state at column t predicts the token at t + 1: the head runs on the
+            # answer tokens' predictors only (the last longest + 1 columns but the final one,
+            # then each row's own answer), never on prompts or pads.
+            logits = head_logits(model, hidden[:, -longest - 1:-1][is_answer]).float()
+            token_nll = F.cross_entropy(logits, targets[is_answer], reduction="none")
             for i, row_nll in zip(batch, token_nll.split(answer_lengths)):
                 nlls[i] = row_nll.mean().item()
             progress.update(len(batch))
