@@ -339,7 +339,9 @@ def write_split(rows, path):
 
 def read_split(path, columns=COLUMNS, start=0, stop=None):
     """Rows [start, stop) of a prepared split as dicts of the given columns."""
-    table = pq.read_table(path, columns=list(columns))
+    # A split is one file: ParquetFile reads it without pyarrow.dataset, whose import alone
+    # (pq.read_table's path handling) was 0.2 s of every stage's start.
+    table = pq.ParquetFile(path).read(columns=list(columns))
     stop = table.num_rows if stop is None else min(stop, table.num_rows)
     if not 0 <= start < stop:
         raise KavaError(f"{path}: rows [{start}, {stop}) are outside its {table.num_rows} rows")
