@@ -176,7 +176,8 @@ def right_pad(rows, value, length):
 def collate(students, teachers, pad_id, mode, kd_teachers=None):
     """students: student_example dicts; teachers: {name: (examples from that teacher's store,
     one per student example, in order, None where the store lacks it; teacher layers to keep;
-    the store's (heads, head_dim))}; kd_teachers: {name: KD kind} of those whose stored logits
+    the store's (heads, head_dim))}; mode: the time alignment of every teacher, or {teacher:
+    its time alignment} (an arm whose teachers have different kv_loss); kd_teachers: {name: KD kind} of those whose stored logits
     are collated too (checked at setup to be of the student's own examples)."""
     length = max(len(s["input_ids"]) for s in students)
     ids = [s["input_ids"] for s in students]
@@ -186,7 +187,9 @@ def collate(students, teachers, pad_id, mode, kd_teachers=None):
         labels=right_pad([s["labels"] for s in students], IGNORE_INDEX, length),
     )
     for name, (examples, layers, kv_shape) in teachers.items():
-        aligned = [align_teacher(s, t, layers, mode, kv_shape) for s, t in zip(students, examples)]
+        teacher_mode = mode[name] if isinstance(mode, dict) else mode
+        aligned = [align_teacher(s, t, layers, teacher_mode, kv_shape)
+                   for s, t in zip(students, examples)]
         kv = {layer: tuple(right_pad([a[layer][i] for a, _ in aligned], 0.0, length)
                            for i in (0, 1))
               for layer in layers}

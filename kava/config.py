@@ -88,6 +88,17 @@ def kd_teachers(config):
     return sorted(names)
 
 
+def teacher_kv_losses(train, teachers):
+    """{teacher: its KV loss} for the arm's `teachers` (names): train.teacher_kv_loss where it
+    names the teacher, else train.kv_loss. Refused when teacher_kv_loss names a teacher the arm
+    does not learn from: its loss would silently never run."""
+    stray = [name for name in train["teacher_kv_loss"] if name not in teachers]
+    if stray:
+        raise KavaError(f"train.teacher_kv_loss names '{stray[0]}', which is not a teacher this "
+                        f"arm learns from ({', '.join(teachers)})")
+    return {name: train["teacher_kv_loss"].get(name, train["kv_loss"]) for name in teachers}
+
+
 def _home(key):
     """Where the config key `key` lives, if it is one outside the train section, as a hint."""
     sections = load_schema()["properties"]
@@ -146,6 +157,16 @@ def check_controls(arms):
                             f"layer; kv_exclude_layers would leave out that or nothing")
 
 
+def check_teacher_kv_losses(config, arms):
+    """train.teacher_kv_loss names teachers of the arm: checked when the workflow is parsed
+    rather than in every train job."""
+    for arm, train in arms.items():
+        try:
+            teacher_kv_losses(train, train["teachers"] or config["teachers"])
+        except KavaError as error:
+            raise KavaError(f"config arms.{arm}: {error}") from None
+
+
 def check_validation_weighting(config, arms):
     """teacher_weighting validation sets the teacher weights on the validation rows: an arm
     asking for it in a run without any would otherwise fail at its first train step."""
@@ -164,5 +185,6 @@ def cross_checked(config):
     check_kv_exclude_layers(config, arms)
     check_controls(arms)
     check_validation_weighting(config, arms)
+    check_teacher_kv_losses(config, arms)
     return {"models": models, "arms": arms,
             "eval_teachers": evaluated_teachers(config)}

@@ -14,7 +14,9 @@ projector cannot shrink. Σ_t w_t is kava.losses.TeacherMixture (per layer, then
 the student layers train.kv_exclude_layers leaves in). The control arms of train.kv_target swap
 the teacher's KV for other targets (kava.targets), read the same way.
 With kv_loss relation (kava.losses.relation_loss) nothing is projected: the teacher's KV, read
-at the token boundaries both tokenisations share, is compared through its relations.
+at the token boundaries both tokenisations share, is compared through its relations. The loss is
+chosen per teacher (train.teacher_kv_loss over train.kv_loss), so one arm can distil its parent
+by MSE through the identity and a teacher of another shape by relation.
 
 The CE baseline (kv_weight 0) still fits its projectors when `probe_projector` is on: the
 student's KV enters that fit detached, so the student trains on CE alone. Then the training
@@ -35,15 +37,16 @@ import torch
 from torch import nn
 
 from kava.capture import student_forward
+from kava.config import teacher_kv_losses
 from kava.errors import KavaError
 from kava.losses import (TeacherMixture, kd_loss, kv_loss, masked_cosine, relation_width_error,
                           uld_loss)
 from kava.projector import KVProjector, compared_pairs
 
-def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
-    """KV loss and cosine of one teacher, per student layer: two `[n_layers]` tensors (loss with
-    autograd, cosine detached), each the mean over K and V on the valid tokens. std: `[n_layers,
-    2]` fixed scales of K and V (used with kv_std_norm).
+def layer_scores(pred_kv, target_kv, mask, loss_cfg, kind, std=None):
+    """KV loss `kind` (the teacher's kv_loss) and cosine of one teacher, per student layer: two
+    `[n_layers]` tensors (loss with autograd, cosine detached), each the mean over K and V on the
+    valid tokens. std: `[n_layers, 2]` fixed scales of K and V (used with kv_std_norm).
 
     A student layer without a target (None: the layer map leaves it out, as minilm does) scores
     loss 0 and cosine nan, and each mapped layer's loss counts n_layers / n_mapped, so the mean
@@ -59,7 +62,7 @@ def layer_scores(pred_kv, target_kv, mask, loss_cfg, std=None):
         per_kv = []
         for which, (p, t) in enumerate(((pk, tk), (pv, tv))):
             scale = std[layer, which] if loss_cfg["kv_std_norm"] else None
-            per_kv.append(kv_loss(p, t, mask, loss_cfg["kv_loss"], alpha=loss_cfg["kv_alpha"],
+            per_kv.append(kv_loss(p, t, mask, kind, alpha=loss_cfg["kv_alpha"],
                                   beta=loss_cfg["kv_beta"], std=scale,
                                   relation_heads=loss_cfg["relation_heads"],
                                   relation_temperature=loss_cfg["relation_temperature"]))
@@ -84,6 +87,7 @@ class Distiller(nn.Module):
         self.teacher_mixture = teacher_mixture
         self.register_buffer("teacher_std", teacher_std)
         self.loss_cfg = dict(loss_cfg)
+        self.kv_losses = teacher_kv_losses(loss_cfg, list(projectors))
         self.key_space = key_space
         # The student layers whose KV terms count (teacher_std has a row per student layer).
         self.kv_layers = kv_layers(loss_cfg["kv_exclude_layers"], teacher_std.shape[1])
@@ -111,7 +115,8 @@ class Distiller(nn.Module):
             targets = batch.teachers[name]
             pred, target = compared_pairs(self.projectors[name], student_kv, targets.kv)
             share = targets.mask.sum() / max(int(kv_items[name]), 1)
-            losses, cos = layer_scores(pred, target, targets.mask, cfg, self.teacher_std[t])
+            losses, cos = layer_scores(pred, target, targets.mask, cfg, self.kv_losses[name],
+                                       self.teacher_std[t])
             kv_losses.append(losses * share)
             cosines.append(cos * share)
         kv_matrix = torch.stack(kv_losses, dim=1)  # [n_layers, n_teachers]
@@ -194,14 +199,14 @@ def kv_layers(exclude, n_layers):
 
 def build_projectors(layer_maps, teacher_shapes, student_shape, cfg):
     """One KVProjector per teacher (dict, in teacher order). projector auto: the identity where
-    the teacher's KV has the student's shape, else a ridge-fitted dense map; with kv_loss
-    relation none at all (any shapes, relation_heads dividing both joined widths), and a
+    the teacher's KV has the student's shape, else a ridge-fitted dense map; for a teacher of
+    kv_loss relation (kava.config.teacher_kv_losses) none at all (any shapes, relation_heads dividing both joined widths), and a
     projector setting other than auto is refused: a map would only add parameters the loss
     is invariant to, or let student and map co-adapt."""
-    projectors = {}
+    projectors, losses = {}, teacher_kv_losses(cfg, list(layer_maps))
     for name in layer_maps:
         kind = cfg["projector"]
-        if cfg["kv_loss"] == "relation":
+        if losses[name] == "relation":
             if kind != "auto":
                 raise KavaError(f"train.projector {kind} with kv_loss relation: the relation loss "
                                 f"compares KV without a projector; set projector auto")
@@ -293,7 +298,7 @@ def loss_terms(distiller, batch, ce_items, kv_items, kd_items=None):
         pred, target = compared_pairs(distiller.projectors[name], student_kv, targets.kv)
         share = targets.mask.sum() / max(int(kv_items[name]), 1)
         losses, _ = layer_scores(pred, target, targets.mask, distiller.loss_cfg,
-                                 distiller.teacher_std[t])
+                                 distiller.kv_losses[name], distiller.teacher_std[t])
         terms[f"kv/{name}"] = losses[distiller.kv_layers].mean() * share
     for name, term in distiller.kd_terms(outputs.logits, batch, kd_items or {}).items():
         terms[f"kd/{name}"] = term

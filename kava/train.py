@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from kava.batching import (collate, example_order, kd_pairs, pad_id, shared_key_space,
                            store_positions, student_example, teacher_inputs, time_alignment)
+from kava.config import teacher_kv_losses
 from kava.distill import (Distiller, build_projectors, build_teacher_mixture,
                           fit_ridge_projectors, gradient_agreement, teacher_kv_std,
                           validation_weighting)
@@ -148,7 +149,7 @@ class TrainData:
     positions: dict           # {teacher: [store index of the KV each example reads, or None]}
     layer_maps: dict          # {teacher: [teacher layer per student layer]}
     layer_map_reasons: dict   # {teacher: why that map}
-    alignment: str            # the time alignment every teacher is read with
+    alignment: dict           # {teacher: the time alignment it is read with}
     key_space: str
     ce_valid: list            # answer tokens per example
     kv_valid: dict            # {teacher: aligned student tokens per example}
@@ -218,13 +219,16 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
     for name, store in stores.items():
         own = store_positions(store, [s["id"] for s in students], name)
         positions[name] = own if partner is None else [own[j] for j in partner]
-    alignment = "position" if partner is not None else cfg["time_alignment"]
-    if cfg["kv_loss"] == "relation" and partner is None:
-        if alignment != "auto":
-            raise KavaError(f"train.time_alignment {alignment} with kv_loss relation: the "
-                            f"relation loss reads teachers at the token boundaries both "
-                            f"tokenisations share; set time_alignment auto")
-        alignment = "boundary"
+    alignment = {name: "position" if partner is not None else cfg["time_alignment"]
+                 for name in stores}
+    for name, loss in teacher_kv_losses(cfg, list(stores)).items():
+        if loss == "relation" and partner is None:
+            if alignment[name] != "auto":
+                raise KavaError(f"train.time_alignment {alignment[name]} with kv_loss relation "
+                                f"(teacher {name}): the relation loss reads a teacher at the "
+                                f"token boundaries both tokenisations share; set time_alignment "
+                                f"auto")
+            alignment[name] = "boundary"
 
     layer_maps, reasons = teacher_layer_maps(cfg, student_card, teachers, stores, cka_maps)
     if cfg["kv_target"] == "token_mean":
@@ -249,7 +253,7 @@ def setup_data(cfg, seed, student_card, student_dims, teachers, rows, max_length
             if i is None:
                 counts.append(0)
                 continue
-            weights, valid = time_alignment(s, store.example(i), alignment)
+            weights, valid = time_alignment(s, store.example(i), alignment[name])
             if key_space == "post_rope" and weights is not None and partner is None:
                 raise KavaError(f"teacher {name} tokenises the text differently from the "
                                 f"student, and its store holds post_rope keys: averaging keys "
@@ -812,7 +816,7 @@ def warn_uncovered_tokens(data, job, log):
     """Log each teacher's share of student tokens without a KV target; warn above
     train_job.max_tokens_without_target."""
     for name, lost in data.kv_lost.items():
-        if data.alignment == "boundary":
+        if data.alignment[name] == "boundary":
             # kv_loss relation reads only the boundaries both tokenisations share, by design.
             log(f"teacher {name}: {lost:.1%} of the student's tokens end where no teacher token "
                 f"ends and stay out of the relation loss")

@@ -217,7 +217,7 @@ def test_relation_run_against_teachers_of_other_shapes(world, tmp_path, layer_ma
               log=logged.append)
     lines = metrics(out["metrics"])
     summary = json.loads(out["summary"].read_text())
-    assert summary["time_alignment"] == "boundary"
+    assert set(summary["time_alignment"].values()) == {"boundary"}
     for teacher in world["teachers"]:
         name = teacher["card"]["name"]
         assert all(math.isfinite(line[f"kv/{name}"]) and line[f"kv/{name}"] > 0
@@ -241,6 +241,44 @@ def test_relation_run_against_teachers_of_other_shapes(world, tmp_path, layer_ma
                     MAX_LENGTH, batch_size=4, key_space="pre_rope", time_alignment="auto")
     assert all(len(values) == 4 and all(math.isnan(v) for v in values)
                for values in cos["per_layer"].values())
+
+
+def test_each_teacher_gets_its_own_kv_loss_in_one_arm(world, tmp_path):  # noqa: F811
+    """teacher_kv_loss: the same-tokenizer teacher by mse through its projector, the teacher of
+    another shape and tokenizer by relation at shared boundaries; each term at the first step
+    (before any update) equals that teacher's term in the arm of its loss alone."""
+    llama, gemma = (t["card"]["name"] for t in world["teachers"])
+    common = dict(steps=1, effective_batch=4, micro_batch=2)
+    first = {}
+    for arm, cfg in {"mse": train_config(**common, kv_loss="mse"),
+                     "relation": train_config(**common, kv_loss="relation"),
+                     "mixed": train_config(**common, kv_loss="mse",
+                                           teacher_kv_loss={gemma: "relation"})}.items():
+        out = run(world, tmp_path / arm, cfg, arm=arm)
+        first[arm] = metrics(out["metrics"])[0]
+        summary = json.loads(out["summary"].read_text())
+        if arm == "mixed":
+            assert summary["time_alignment"] == {llama: "auto", gemma: "boundary"}
+            assert summary["teachers"][gemma]["projector"] == "none"
+            assert summary["teachers"][llama]["projector"] != "none"
+    assert first["mixed"][f"kv/{llama}"] == pytest.approx(first["mse"][f"kv/{llama}"], rel=1e-5)
+    assert first["mixed"][f"kv/{gemma}"] == pytest.approx(first["relation"][f"kv/{gemma}"],
+                                                         rel=1e-5)
+    assert first["mixed"][f"kv/{gemma}"] != pytest.approx(first["mse"][f"kv/{gemma}"], rel=1e-2)
+
+
+def test_teacher_kv_loss_names_a_teacher_of_the_arm():
+    from kava.config import cross_checked, schema_defaults
+
+    config = {"models": {"a": {}, "b": {}, "s": {}}, "teachers": ["a", "b"], "student": "s",
+              "train": schema_defaults("train"), "data": schema_defaults("data"),
+              "eval": schema_defaults("eval"), "report": schema_defaults("report"),
+              "arms": {"mixed": {"teachers": ["a"], "teacher_kv_loss": {"b": "relation"}}}}
+    with pytest.raises(KavaError, match=r"arms.mixed: train.teacher_kv_loss names 'b', which "
+                                        r"is not a teacher this arm learns from \(a\)"):
+        cross_checked(config)
+    config["arms"]["mixed"]["teachers"] = None
+    assert cross_checked(config)["arms"]["mixed"]["teacher_kv_loss"] == {"b": "relation"}
 
 
 def test_relation_refuses_another_time_alignment(world, tmp_path):  # noqa: F811
