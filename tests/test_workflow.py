@@ -261,3 +261,31 @@ def test_smoke_reruns_one_stage_alone(smoke):
     assert forced.stat().st_mtime_ns > before
     assert [path.stat().st_mtime_ns for path in untouched] == stamps
     assert not [p for p in Path(results).rglob(".*.tmp-*")]
+
+
+def test_jobs_bench_times_the_runs_own_jobs_and_leaves_its_results(smoke):
+    summary = smoke["results"] / "train" / "kv" / "seed0" / "train.json"
+    before = summary.read_bytes()
+    done = subprocess.run([sys.executable, "-m", "bench.jobs", "--train", "kv", "ce", "--evaluate",
+                           "kv-seed0", "ce-seed0", "--configfile", "config/smoke.yaml",
+                           *SMOKE_CONFIG], cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, **smoke["env"]})
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for kind, jobs in (("train", ["kv-seed0", "ce-seed0"]), ("evaluate", ["kv-seed0", "ce-seed0"])):
+        pair = figures[kind]
+        assert pair["jobs"] == jobs and pair["serial_s"] > 0 and pair["side_by_side_s"] > 0
+        assert pair["ratio"] == pytest.approx(pair["side_by_side_s"] / pair["serial_s"], abs=0.01)
+    # Its jobs wrote into a temporary folder, not over the run's outputs.
+    assert summary.read_bytes() == before
+
+
+def test_jobs_bench_without_a_run_says_so_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.jobs", "--configfile", "config/smoke.yaml",
+                           "--train", "kv", "ce", "--evaluate", "kv-seed0", "ce-seed0"],
+                          cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, "KAVA_OUTPUT_PATH": str(tmp_path)})
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "bench.jobs: the run has no stages.train job kv-seed0 with its inputs made: run it first "
+        "(make run)")
