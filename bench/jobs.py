@@ -2,14 +2,16 @@
 jobs one after the other at two threads each (the local profile until it ran jobs side by side),
 against the same two jobs at once at one thread each (what it does now), on the same inputs.
 Prints the wall time of each side and their ratio (side by side ÷ one after the other), for a
-pair of train jobs and a pair of evaluate jobs.
+pair of train jobs and a pair of evaluate jobs. The default pairs are two seeds of one arm: jobs
+of about one length, as a run's scheduler sees them (it starts the next job as soon as one ends;
+a pair of unequal jobs would also time the shorter one's idle core).
 
 The jobs are the default run's own (make run first): their commands are those Snakemake would
 run (`snakemake -n -p --forcerun train evaluate`), reading the run's models, stores and data;
 what they write goes to a temporary folder, so the run's results are left as they are. On a
 2-core CPU each pair takes a few minutes a round.
 
-    python -m bench.jobs [--train kv kd] [--evaluate kv-seed0 kd-seed0] [--repeats 1]
+    python -m bench.jobs [--train kv-seed0 kv-seed1] [--evaluate kv-seed0 kv-seed1] [--repeats 1]
                          [snakemake arguments of the run, e.g. --configfile config/smoke.yaml]
 """
 
@@ -101,13 +103,14 @@ def compare(pair, workdir, repeats):
 
 def main():
     args = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    args.add_argument("--train", nargs=2, default=["kv", "kd"], help="two arms (seed 0 each)")
-    args.add_argument("--evaluate", nargs=2, default=["kv-seed0", "kd-seed0"],
-                      help="two evaluated models")
+    args.add_argument("--train", nargs=2, default=["kv-seed0", "kv-seed1"],
+                      help="two train jobs, <arm>-seed<k>")
+    args.add_argument("--evaluate", nargs=2, default=["kv-seed0", "kv-seed1"],
+                      help="two evaluate jobs, by the evaluated model's name")
     args.add_argument("--repeats", type=int, default=1)
     args, workflow_args = args.parse_known_args()
     commands = planned_commands(workflow_args)
-    pairs = {"train": [("stages.train", f"{arm}-seed0") for arm in args.train],
+    pairs = {"train": [("stages.train", name) for name in args.train],
              "evaluate": [("stages.evaluate", name) for name in args.evaluate]}
     for stage, name in (key for pair in pairs.values() for key in pair):
         argv = commands.get((stage, name))

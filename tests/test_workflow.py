@@ -266,8 +266,8 @@ def test_smoke_reruns_one_stage_alone(smoke):
 def test_jobs_bench_times_the_runs_own_jobs_and_leaves_its_results(smoke):
     summary = smoke["results"] / "train" / "kv" / "seed0" / "train.json"
     before = summary.read_bytes()
-    done = subprocess.run([sys.executable, "-m", "bench.jobs", "--train", "kv", "ce", "--evaluate",
-                           "kv-seed0", "ce-seed0", "--configfile", "config/smoke.yaml",
+    done = subprocess.run([sys.executable, "-m", "bench.jobs", "--train", "kv-seed0", "ce-seed0",
+                           "--evaluate", "kv-seed0", "ce-seed0", "--configfile", "config/smoke.yaml",
                            *SMOKE_CONFIG], cwd=PROJECT, capture_output=True, text=True,
                           env={**os.environ, **smoke["env"]})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -282,7 +282,8 @@ def test_jobs_bench_times_the_runs_own_jobs_and_leaves_its_results(smoke):
 
 def test_jobs_bench_without_a_run_says_so_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.jobs", "--configfile", "config/smoke.yaml",
-                           "--train", "kv", "ce", "--evaluate", "kv-seed0", "ce-seed0"],
+                           "--train", "kv-seed0", "ce-seed0", "--evaluate", "kv-seed0",
+                           "ce-seed0"],
                           cwd=PROJECT, capture_output=True, text=True,
                           env={**os.environ, "KAVA_OUTPUT_PATH": str(tmp_path)})
     assert done.returncode != 0
