@@ -52,12 +52,13 @@ def test_pipeline_runs_with_odd_absolute_paths(odd_paths_run):
 
 
 def planned_jobs(output):
-    """{rule: [(threads line, resources line, shell command)]} from a dry run's printout."""
+    """{rule: [{threads, resources, priority (each where printed), shell}]} from a dry run's
+    printout."""
     jobs, rule, job = {}, None, {}
     for line in output.splitlines():
         if line.startswith(("rule ", "localrule ", "checkpoint ")):
             rule, job = line.split()[1].rstrip(":"), {}
-        elif rule and line.strip().startswith(("threads:", "resources:")):
+        elif rule and line.strip().startswith(("threads:", "resources:", "priority:")):
             key, value = line.strip().split(":", 1)
             job[key] = value.strip()
         elif rule and line.startswith("Shell command:"):
@@ -104,6 +105,15 @@ def test_planned_jobs_carry_the_configured_threads_gpus_and_checkpoints(tmp_path
         assert "gpu=2" in job["resources"].split(", ")
         assert "torchrun --standalone --nproc_per_node 2 -m stages.train" in job["shell"]
         assert '"checkpoint_every": 3' in job["shell"]
+    # Ready jobs run in this order: what leads to training, training, then the rest.
+    # (The store's jobs are planned only once prepare, a checkpoint, has counted the rows.)
+    before_train = [rule for rule in ("prepare", "materialize", "dims", "probe", "kv_basis",
+                                      "precompute", "kv_manifest") if rule in jobs]
+    assert {"prepare", "materialize", "dims", "probe"} <= set(before_train)
+    assert all(job.get("priority") == "2" for rule in before_train for job in jobs[rule])
+    assert all(job.get("priority") == "1" for job in jobs["train"])
+    assert not any("priority" in job for rule in ("evaluate", "report", "model_card")
+                   for job in jobs[rule])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -213,3 +223,4 @@ def test_cka_maps_use_the_time_alignment_of_the_arms_that_read_them(tmp_path):
     assert result.returncode != 0
     assert ("kava: error: the arms with layer_map cka use time_alignment causal and interpolate; "
             "the CKA maps are computed once, so give them one time_alignment") in result.output
+

@@ -89,6 +89,15 @@ ALL_MANIFESTS = [manifest_path(teacher, split) for teacher in config["teachers"]
                  for split in SPLITS]
 
 
+# ---- the order of ready jobs when cores are short ------------------------------------------
+# Training jobs are the longest, so a run ends soonest when they start as early as possible:
+# first the jobs that lead to training, then training, and the evaluations (short) fill the cores
+# around them and at the end. Without this the scheduler ran evaluations as soon as they were
+# ready, and the default run ended on one training job while the other core idled. A priority
+# only orders jobs that are ready at once; it never holds one back.
+PRIORITY = {"before_train": 2, "train": 1}
+
+
 # ---- command lines --------------------------------------------------------------------------
 def path_arg(flag, paths):
     """`--flag 'path' ...` quoted for the shell, or "" for an optional input that is absent:

@@ -10,6 +10,7 @@ checkpoint prepare:
         data=as_json({key: config["data"][key] for key in PREPARE_KEYS}),
         env_data_path=PATHS["data_source"] or "",
         out_dir=lambda w, output: str(Path(output.info).parent),
+    priority: PRIORITY["before_train"]
     log:
         log_path("prepare", "prepare"),
     benchmark:

@@ -8,6 +8,7 @@ rule materialize:
         spec=lambda w: as_json(config["models"][w.model]),
         model_dir=lambda w: f"{PATHS['models']}/{w.model}",
         base=lambda w, input: path_arg("--base-card", input.base),
+    priority: PRIORITY["before_train"]
     log:
         log_path("materialize"),
     benchmark:
@@ -29,6 +30,7 @@ rule dims:
         dims=dims_path("{model}"),
     resources:
         gpu=1,
+    priority: PRIORITY["before_train"]
     log:
         log_path("dims"),
     benchmark:

@@ -15,6 +15,7 @@ rule kv_basis:
         layer_arguments=layer_arguments,
     resources:
         gpu=1,
+    priority: PRIORITY["before_train"]
     log:
         log_path("kv_basis", "{teacher}"),
     benchmark:
@@ -50,6 +51,7 @@ rule precompute:
         logits=logits_arguments,
     resources:
         gpu=1,
+    priority: PRIORITY["before_train"]
     log:
         log_path("precompute", "{teacher}-{split}-{shard}"),
     benchmark:
@@ -76,6 +78,7 @@ rule kv_manifest:
         infos=shard_paths(SHARD_INFO),
     output:
         manifest=manifest_path("{teacher}", "{split}"),
+    priority: PRIORITY["before_train"]
     log:
         log_path("kv_manifest", "{teacher}-{split}"),
     benchmark:

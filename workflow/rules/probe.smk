@@ -13,6 +13,7 @@ rule probe:
         effective_batch=config["train"]["effective_batch"],
     resources:
         gpu=1,
+    priority: PRIORITY["before_train"]
     log:
         log_path("probe", "probe"),
     benchmark:

@@ -15,6 +15,7 @@ rule cka_layer_map:
         time_alignment=cka_time_alignment(),
     resources:
         gpu=1,
+    priority: PRIORITY["before_train"]
     log:
         log_path("cka_layer_map", "cka"),
     benchmark:
@@ -60,6 +61,7 @@ rule train:
         cka=lambda w, input: path_arg("--cka-maps", input.cka),
     resources:
         gpu=config["train_job"]["gpus"],
+    priority: PRIORITY["train"]
     log:
         log_path("train", "{arm}-seed{seed}"),
     benchmark:
