@@ -41,12 +41,17 @@ def json_arg(text):
 
 
 def run_stage(main, parser):
-    """Parse, size torch's thread pool, run; a KavaError ends as one line and exit status 2."""
-    args = parser.parse_args()
-    try:
-        import torch
+    """Parse, size the thread pools, run; a KavaError ends as one line and exit status 2.
 
-        torch.set_num_threads(max(1, args.threads))
+    torch sizes its pool from OMP_NUM_THREADS when it first builds it, so a stage that imports
+    torch only later (or never: the report, a model card, whose jobs would otherwise spend two
+    seconds importing it) gets the same size; one that has imported it already is sized here."""
+    args = parser.parse_args()
+    threads = max(1, args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    try:
         main(args)
     except KavaError as err:
         print(f"kava: error: {err}", file=sys.stderr)

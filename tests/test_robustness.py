@@ -224,3 +224,30 @@ def test_cka_maps_use_the_time_alignment_of_the_arms_that_read_them(tmp_path):
     assert ("kava: error: the arms with layer_map cka use time_alignment causal and interpolate; "
             "the CKA maps are computed once, so give them one time_alignment") in result.output
 
+
+@pytest.mark.parametrize("imported", ["before", "in_main", "never"])
+def test_a_stage_runs_torch_on_its_threads_whenever_it_imports_it(imported):
+    # The model cards and the report never import torch (two seconds a job); a stage that
+    # imports it late must still get the threads Snakemake gave the job, not every core.
+    program = (
+        "import sys\n"
+        "from kava.cli import run_stage, stage_parser\n"
+        f"if {imported!r} == 'before': import torch\n"
+        "def main(args):\n"
+        f"    if {imported!r} != 'never': import torch; print(torch.get_num_threads())\n"
+        "    print('torch' in sys.modules)\n"
+        "run_stage(main, stage_parser('a stage'))\n")
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", program, "--threads", "1"], cwd=PROJECT,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.cpu_count() > 1  # else one thread would be the default, and this no test
+    assert result.stdout.split() == (["False"] if imported == "never" else ["1", "True"])
+
+
+def test_the_stages_without_a_model_never_import_torch():
+    for stage in ("prepare", "report", "model_card"):
+        result = subprocess.run([sys.executable, "-c", f"import sys, stages.{stage}; "
+                                 "print('torch' in sys.modules)"], cwd=PROJECT,
+                                capture_output=True, text=True)
+        assert result.stdout.strip() == "False", (stage, result.stderr[-500:])
