@@ -129,12 +129,15 @@ def _gguf_file(name, package, file_name, workdir):
 
 
 def _from_gguf(name, spec, out_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="kava-gguf-") as workdir:
         folder, file_name = _gguf_file(name, spec["package"], spec["file"], workdir)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
+        # Each from_pretrained parses the GGUF's metadata again (its vocabulary, in Python):
+        # about 4 s for SmolLM2, so the model reuses the config rather than parsing a third time.
+        config = AutoConfig.from_pretrained(folder, gguf_file=file_name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, config=config)
     check_architecture(model.config, name)
     # The GGUF quantizer marks the dequantised model as quantised; without removing that,
     # save_pretrained writes a config that no loader can satisfy.
