@@ -754,7 +754,7 @@ def validate(run, step):
             or (step % every and step < run.cfg["steps"])):
         return {}
     nll = validation_nll(run.distiller.student, run.data.tokenizer, run.validation_rows,
-                         run.micro_batch)
+                         run.micro_batch, run.autocast)
     run.best.record(step, nll, run.distiller)
     return {"validation_nll": nll}
 

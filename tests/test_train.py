@@ -32,7 +32,7 @@ from kava.layer_maps import resolve
 from kava.models import load_model, load_tokenizer, materialize
 from kava.projector import KVProjector, load_projectors, save_projectors
 from kava.synthetic import generate
-from kava.train import derangement, lr_factor, setup, setup_data, train
+from kava.train import derangement, lr_factor, mixed_precision, setup, setup_data, train
 from kava.validation import validation_nll
 from test_kvstore import build_store
 
@@ -975,8 +975,9 @@ def test_early_stopping_publishes_the_lowest_validation_step(world, tmp_path):
     assert [line.get("validation_nll") for line in metrics(out["metrics"])] == list(curve.values())
     published = AutoModelForCausalLM.from_pretrained(out["student"], torch_dtype=torch.float32)
     tokenizer = load_tokenizer(str(out["student"]))
-    assert validation_nll(published, tokenizer, world["validation_rows"], 2) == pytest.approx(
-        summary["best_nll"], rel=1e-5)
+    autocast, _ = mixed_precision(summary["precision"], torch.device("cpu"))
+    assert validation_nll(published, tokenizer, world["validation_rows"], 2,
+                          autocast) == pytest.approx(summary["best_nll"], rel=1e-5)
 
 
 def test_validation_rows_never_reach_training(world):

@@ -1,5 +1,5 @@
-"""Step selection on validation rows: the scorer is eval's answer NLL, the tracker keeps the
-lowest step's weights."""
+"""Step selection on validation rows: the scorer is eval's answer NLL in the training's precision,
+the tracker keeps the lowest step's weights."""
 
 import math
 
@@ -24,20 +24,25 @@ def student(tiny_card):
     return load_model(card, dtype=torch.float32), load_tokenizer(card["dir"])
 
 
-def test_validation_nll_is_eval_answer_nll_and_keeps_the_mode(student):
+def test_validation_nll_is_eval_answer_nll_in_the_training_precision(student):
     model, tokenizer = student
-    model.train()
     prompts, answers = zip(*(at_word_boundary(r["prompt"], r["answer"]) for r in ROWS))
-    expected = np.mean(answer_nll(model, tokenizer, list(prompts), list(answers), 1))
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        score = validation_nll(model, tokenizer, ROWS, batch_size=2)
-    assert score == pytest.approx(expected, rel=1e-5) and model.training
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            expected = np.mean(answer_nll(model, tokenizer, list(prompts), list(answers), 2))
+        model.train()
+        scores[precision] = validation_nll(model, tokenizer, ROWS, 2, autocast)
+        assert scores[precision] == expected and model.training
+    # The autocast is applied: bf16 rounding moves the score, a little.
+    assert scores["bf16"] != scores["fp32"]
+    assert scores["bf16"] == pytest.approx(scores["fp32"], abs=0.05)
     model.eval()
-    validation_nll(model, tokenizer, ROWS, batch_size=2)
+    validation_nll(model, tokenizer, ROWS, 2, torch.autocast("cpu", enabled=False))
     assert not model.training
     with pytest.raises(KavaError, match="no validation rows to score: data.validation_size is 0"):
-        validation_nll(model, tokenizer, [], batch_size=2)
+        validation_nll(model, tokenizer, [], 2, torch.autocast("cpu", enabled=False))
 
 
 def test_best_step_keeps_the_lowest_steps_weights(student):
