@@ -174,6 +174,12 @@ class PositionLogits:
         rows = self.index[mask]
         if bool((rows < 0).any()):
             raise KavaError("logits read at a position the LM head was not run on")
+        if len(rows) == len(self.values):
+            # Every computed position, in the order they were computed (both row-major): the
+            # values themselves. Gathering them would copy [n, V] logits, and its backward
+            # scatter into [n, V] zeros, at every step of an arm whose one loss reads them all
+            # (ce and kv: the answer CE; kd: the KD positions, which hold the CE's).
+            return self.values
         return self.values[rows]
 
 

@@ -295,6 +295,20 @@ def test_the_lm_head_run_at_the_read_positions_only_gives_the_full_forwards_ce_a
         ours.logits[batch.attention_mask.bool()]
 
 
+def test_logits_read_at_every_computed_position_are_the_computed_values_uncopied(world):
+    tokenizer = load_tokenizer(world["student"]["dir"])
+    students = [student_example(tokenizer, row, MAX_LENGTH) for row in world["rows"][:3]]
+    batch = collate(students, {}, tokenizer.pad_token_id, "auto")
+    # The logits at column t predict the token at t + 1.
+    answer = torch.nn.functional.pad(batch.labels[:, 1:], (0, 1), value=IGNORE_INDEX).ne(
+        IGNORE_INDEX)
+    logits = student_forward(load_model(world["student"]), batch, "pre_rope", 1).logits
+    assert logits[answer] is logits.values  # the CE of a ce or kv arm reads them all
+    some = answer & (torch.arange(answer.shape[1]) % 2 == 0)
+    assert 0 < int(some.sum()) < len(logits.values)
+    assert torch.equal(logits[some], logits.values[logits.index[some]])
+
+
 def test_cka_layer_map_of_the_student_against_itself_is_the_identity(world, self_teacher):
     stores = {"self": KVStore(self_teacher["manifest"])}
     maps = cka_layer_maps(load_model(world["student"]), load_tokenizer(world["student"]["dir"]),
