@@ -6,16 +6,17 @@ its one-off equivalent:
   one plain batched forward per batch with the tokenizer's own left padding and full logits;
 - the noise check: answer_nll one example at a time on eval.noise_examples rows, as the stage
   does now (once per run, in the init job), and on every row, as every job did before;
-- generation: kava.evaluate.generate_answers on eval.generate_examples rows against a plain
-  batched greedy `generate` with a KV cache and `stop_strings` only.
+- generation, in eval.dtype as the stage generates: kava.evaluate.generate_answers on
+  eval.generate_examples rows against a plain batched greedy `generate` with a KV cache and
+  `stop_strings` only.
 With `--baseline-repo DIR --stage-args '...'` it also times the whole stage
 (`python -m stages.evaluate ...`) of this checkout and of DIR (e.g. main's checkout) on the same
 inputs, alternately, in subprocesses: today's job against the new one. The stage's arguments are
-the ones a run's log shows for the evaluate job; --out and --predictions go to a temporary folder.
-Every figure is measured; each side keeps its fastest of --repeats.
+the ones a run's log shows for the evaluate job (--baseline-stage-args: the baseline's own, where
+its version takes other flags); --out and --predictions go to a temporary folder. Every figure is measured; each side keeps its fastest of --repeats.
 
     python -m bench.evaluate [--tiny | --student-card CARD] [--examples 48] [--repeats 2]
-                             [--baseline-repo DIR --stage-args '...']
+                             [--baseline-repo DIR --stage-args '...' [--baseline-stage-args '...']]
 """
 
 import shlex
@@ -29,9 +30,10 @@ import torch.nn.functional as F
 
 from bench.common import PROJECT, bench_rows, emit, machine, parser, student_card, timed
 from kava.config import schema_defaults
+from kava.environment import compute_dtype
 from kava.evaluate import answer_nll, at_word_boundary, generate_answers
 from kava.io import read_json
-from kava.models import load_model, load_tokenizer
+from kava.models import in_dtype, load_model, load_tokenizer
 
 
 def left_padded(tokenizer, texts):
@@ -72,31 +74,38 @@ def one_off_generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     return texts
 
 
-def parts(model, tokenizer, rows, cfg, repeats):
-    """{part: {"kava_s", "one_off_s"}} of the NLL, the noise check and generation."""
+def race(kava_side, other_side, repeats):
+    """{"kava_s", "other_s", ratio} of two callables, alternated, each side's fastest run."""
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):  # alternate, so load changes hit both alike
+        for index, side in enumerate((kava_side, other_side)):
+            best[index] = min(best[index], timed(side)[0])
+    return {"kava_s": round(best[0], 3), "other_s": round(best[1], 3),
+            "kava_over_other_ratio": round(best[0] / best[1], 3)}
+
+
+def parts(model, card, tokenizer, rows, cfg, repeats):
+    """{part: {"kava_s", "other_s", ratio}} of the NLL and the noise check (fp32, as the stage
+    scores), then of generation in eval.dtype (the stage casts the model before generating)."""
     prompts, answers = zip(*(at_word_boundary(row["prompt"], row["answer"]) for row in rows))
     n_generate = len(rows) if cfg["generate_examples"] is None else cfg["generate_examples"]
     checked = min(cfg["noise_examples"], len(rows))
-    sides = {
-        "nll": (lambda: answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"]),
-                lambda: one_off_nll(model, tokenizer, prompts, answers, cfg["batch_size"])),
-        "noise_check": (lambda: answer_nll(model, tokenizer, prompts[:checked],
-                                           answers[:checked], 1),
-                        lambda: answer_nll(model, tokenizer, prompts, answers, 1)),
-        "generate": (lambda: generate_answers(model, tokenizer, prompts[:n_generate],
-                                              cfg["max_new_tokens"], cfg["batch_size"],
-                                              cfg["stop"]),
-                     lambda: one_off_generate(model, tokenizer, prompts[:n_generate],
-                                              cfg["max_new_tokens"], cfg["batch_size"],
-                                              cfg["stop"]))}
-    figures = {}
-    for part, (kava_side, other_side) in sides.items():
-        best = [float("inf"), float("inf")]
-        for _ in range(repeats):  # alternate, so load changes hit both alike
-            for index, side in enumerate((kava_side, other_side)):
-                best[index] = min(best[index], timed(side)[0])
-        figures[part] = {"kava_s": round(best[0], 3), "other_s": round(best[1], 3),
-                         "kava_over_other_ratio": round(best[0] / best[1], 3)}
+    figures = {
+        "nll": race(lambda: answer_nll(model, tokenizer, prompts, answers, cfg["batch_size"]),
+                    lambda: one_off_nll(model, tokenizer, prompts, answers, cfg["batch_size"]),
+                    repeats),
+        "noise_check": race(lambda: answer_nll(model, tokenizer, prompts[:checked],
+                                               answers[:checked], 1),
+                            lambda: answer_nll(model, tokenizer, prompts, answers, 1), repeats)}
+    dtype_name, dtype = compute_dtype(cfg["dtype"])
+    model = in_dtype(model, card, dtype, model.device)
+    figures["generate"] = race(
+        lambda: generate_answers(model, tokenizer, prompts[:n_generate], cfg["max_new_tokens"],
+                                 cfg["batch_size"], cfg["stop"]),
+        lambda: one_off_generate(model, tokenizer, prompts[:n_generate], cfg["max_new_tokens"],
+                                 cfg["batch_size"], cfg["stop"]),
+        repeats)
+    figures["generate"]["dtype"] = dtype_name
     figures["noise_check"]["other"] = "every row alone (the stage before eval.noise_examples)"
     figures["nll"]["other"] = figures["generate"]["other"] = "one-off script"
     return figures
@@ -125,9 +134,13 @@ def main():
     cli.add_argument("--baseline-repo", help="another checkout (e.g. main's) whose evaluate "
                      "stage is timed beside this one's")
     cli.add_argument("--stage-args", help="the evaluate stage's arguments (from a run's log)")
+    cli.add_argument("--baseline-stage-args", help="the baseline stage's own arguments, where "
+                     "its version takes others (from its run's log; default: --stage-args)")
     args = cli.parse_args()
     if bool(args.baseline_repo) != bool(args.stage_args):
         raise SystemExit("--baseline-repo and --stage-args go together")
+    if args.baseline_stage_args and not args.baseline_repo:
+        raise SystemExit("--baseline-stage-args needs --baseline-repo")
     cfg = schema_defaults("eval")
     if not args.tiny:  # the default run's eval section over the schema's defaults
         import yaml
@@ -140,12 +153,15 @@ def main():
         tokenizer = load_tokenizer(card["dir"])
         figures = {"bench": "evaluate", "machine": machine(args.threads), "data": source,
                    "examples": len(rows), "model": card["name"], "eval": cfg,
-                   "parts": parts(model, tokenizer, rows, cfg, args.repeats)}
+                   "parts": parts(model, card, tokenizer, rows, cfg, args.repeats)}
         if args.baseline_repo:
             best = {"new": float("inf"), "baseline": float("inf")}
+            sides = (("new", PROJECT, args.stage_args),
+                     ("baseline", args.baseline_repo,
+                      args.baseline_stage_args or args.stage_args))
             for _ in range(args.repeats):
-                for side, repo in (("new", PROJECT), ("baseline", args.baseline_repo)):
-                    best[side] = min(best[side], stage_seconds(repo, args.stage_args, workdir))
+                for side, repo, stage_args in sides:
+                    best[side] = min(best[side], stage_seconds(repo, stage_args, workdir))
             figures["stage"] = {"new_s": round(best["new"], 3),
                                 "baseline_s": round(best["baseline"], 3),
                                 "new_over_baseline_ratio": round(best["new"] / best["baseline"],

@@ -151,7 +151,8 @@ def main():
         cfg = {**schema_defaults("eval"), "generate_examples": 2 if args.tiny else 8,
                "max_new_tokens": 8 if args.tiny else 128, "noise_examples": 2 if args.tiny else 8}
         student = load_model(cards["student"], dtype=torch.float32, device=device)
-        figures["evaluate"] = parts(student, load_tokenizer(cards["student"]["dir"]),
+        figures["evaluate"] = parts(student, cards["student"],
+                                    load_tokenizer(cards["student"]["dir"]),
                                     rows[:min(examples, 48)], cfg, repeats=1)
     emit(figures)
 

@@ -7,8 +7,7 @@ evaluations of the same model on the same rows agree to the token.
 
 import hashlib
 import json
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -92,37 +91,6 @@ class AnswerLineStop(StoppingCriteria):
         return torch.tensor(done, device=input_ids.device)
 
 
-def _weight_first(linear, hidden):
-    """nn.Linear's product as weight @ hiddenᵀ rather than hidden @ weightᵀ: the same products."""
-    rows = (linear.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T
-    if linear.bias is not None:
-        rows = rows + linear.bias
-    return rows.reshape(*hidden.shape[:-1], -1)
-
-
-@contextmanager
-def _weight_first_linears(model):
-    """The model with every plain nn.Linear on CPU (LM head included) computed weight-first while
-    in the block. A quantized layer keeps its own kernel, and a layer whose forward is already
-    wrapped (accelerate's device hooks) its wrapper.
-
-    A decode step feeds each linear one row per sequence, and MKL's sgemm is slow for that shape
-    the nn.Linear way round: on this 2-core machine the default student's 49,152 × 576 head takes
-    21 ms for 8 rows that way and 9.4 ms this way, and its 70 body linears 15.6 against 13.3 ms.
-    Generating the default's 8 rows took 6.3 s with the head alone weight-first and 5.8 s with
-    every linear, 7.9 s before (python -m bench.evaluate, generation), with the same tokens."""
-    linears = [module for module in model.modules()
-               if type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
-               and "forward" not in vars(module)]
-    for linear in linears:
-        linear.forward = partial(_weight_first, linear)
-    try:
-        yield
-    finally:
-        for linear in linears:
-            del linear.forward
-
-
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop):
     """Greedy continuations of `prompts` (text only, special tokens skipped), in prompt order.
@@ -143,7 +111,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop
     pad, eos = pad_id(tokenizer, model), eos_ids(tokenizer, model)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     texts = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc="generate", unit="ex") as progress, _weight_first_linears(model):
+    with tqdm(total=len(prompts), desc="generate", unit="ex") as progress:
         for batch in _batches([len(e) for e in encoded], batch_size):
             ids, mask, _ = _left_pad([encoded[i] for i in batch], pad, model.device)
             out = model.generate(

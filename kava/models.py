@@ -275,3 +275,11 @@ def load_model(card, dtype=torch.float32, device="cpu"):
     if card["quantize"] != "nf4":
         model.to(device)
     return model.eval()
+
+
+def in_dtype(model, card, dtype, device="cpu"):
+    """`model` (loaded from `card`) computing in `dtype`: cast in place, or loaded again when its
+    4-bit weights cannot be cast."""
+    if card["quantize"] == "none":
+        return model.to(dtype)
+    return load_model(card, dtype=dtype, device=device)

@@ -23,7 +23,7 @@ from kava.evaluate import (answer_nll, at_word_boundary, eval_record, generate_a
                            heldout_kv, prediction_lines, tokenizer_fingerprint)
 from kava.io import atomic_path, read_json, write_json
 from kava.layer_maps import probe_layer_maps
-from kava.models import load_model, load_tokenizer, materialize
+from kava.models import in_dtype, load_model, load_tokenizer, materialize
 from kava.projector import load_projectors
 from kava.prompts import render_rows
 
@@ -65,10 +65,7 @@ def main(args):
                         args.train_manifests, args.manifests,
                         train_rows, rows, args.max_length, cfg["batch_size"], cfg["probe_ridge"],
                         test_kv)
-    if card["quantize"] == "none":
-        model.to(dtype)
-    else:  # 4-bit weights cannot be cast: load them again with the generation dtype.
-        model = load_model(card, dtype=dtype, device=device)
+    model = in_dtype(model, card, dtype, device)
     # Generation is most of an evaluation's time: eval.generate_examples caps it.
     n_generate = len(rows) if cfg["generate_examples"] is None else cfg["generate_examples"]
     generated = generate_answers(model, tokenizer, prompts[:n_generate], cfg["max_new_tokens"],

@@ -29,6 +29,8 @@ def test_evaluate_bench_tiny_compares_with_a_one_off_script():
                               "3", "--repeats", "1"])
     for part in ("nll", "noise_check", "generate"):
         assert figures["parts"][part]["kava_s"] > 0 and figures["parts"][part]["other_s"] > 0
+    # Generation is timed in eval.dtype (auto: the machine's precision), as the stage generates.
+    assert figures["parts"]["generate"]["dtype"] == figures["machine"]["precision"]
     assert "stage" not in figures  # no --baseline-repo
 
 

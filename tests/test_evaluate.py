@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from kava.answers import extract_answer, is_correct
 from kava.errors import KavaError
-from kava.evaluate import (_weight_first, answer_nll, at_word_boundary, eval_record,
+from kava.evaluate import (answer_nll, at_word_boundary, eval_record,
                            generate_answers, grade, prediction_lines, tokenizer_fingerprint)
 from kava.models import load_model, load_tokenizer
 
@@ -135,21 +135,6 @@ def test_batched_left_padded_generation_equals_unbatched(model, tokenizer):
     assert batched == alone
     assert sum(len(t) for t in batched) > 20  # real continuations, not trivially equal empties
     assert tokenizer.padding_side == "right"  # the caller's tokenizer is untouched
-
-
-def test_generation_computes_linears_weight_first_and_gives_them_back(model, tokenizer):
-    linear = torch.nn.Linear(6, 10)
-    hidden = torch.randn(3, 2, 6)
-    torch.testing.assert_close(_weight_first(linear, hidden), linear(hidden))
-    patched = []
-    hook = model.model.register_forward_hook(lambda *_: patched.append(
-        ["forward" in vars(module) for module in (model.lm_head, model.model.layers[0].mlp.up_proj)]))
-    try:
-        generate_answers(model, tokenizer, PROMPTS[:1], 2, 1, stop=())
-    finally:
-        hook.remove()
-    assert patched and all(all(step) for step in patched)
-    assert not any("forward" in vars(module) for module in model.modules())
 
 
 def test_generation_split_smaller_than_batch(model, tokenizer):
